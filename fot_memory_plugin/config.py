@@ -1,0 +1,123 @@
+"""The memory configuration: one frozen dataclass, names following LongLLaMA where one exists."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = ["MemoryConfig", "PositionalMode", "Retrieval", "MEM_DTYPES"]
+
+PositionalMode = Literal["zero", "fixed"]
+Retrieval = Literal["exact", "hnsw"]
+MEM_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """How a model reads into and retrieves from FoT memory.
+
+    The defaults are the ones measured best for SmolLM2-135M used zero-shot
+    (benchmarks/README.md, passkey table).
+    """
+
+    # Layers whose attention also reads memory. None means every layer: a model that
+    # was not FoT-trained needs memory in (nearly) all of them (DESIGN.md, measured).
+    mem_layers: tuple[int, ...] | None = None
+    # Tokens per reading window; each window attends to itself plus retrieved memory.
+    local_window: int = 512
+    # Tokens of a prompt kept in the local context; anything before them goes to memory
+    # first (LongLLaMA's name). None means local_window.
+    last_context_length: int | None = None
+    # Memory keys retrieved per query head and query position.
+    top_k: int = 128
+    # "zero": query at its local position, memory keys at position 0 (LongLLaMA, what
+    # FoT-trained checkpoints expect). "fixed": every query rotated to one constant
+    # position (InfLLM), so all memory looks `fixed_position` tokens away.
+    positional_mode: PositionalMode = "zero"
+    # Position used by "fixed" mode. None means local_window: memory sits one window back.
+    fixed_position: int | None = None
+    # "exact": matmul + top-k over every stored key (the reference). "hnsw": approximate
+    # search in persistent hnswlib indexes (persistence/).
+    retrieval: Retrieval = "exact"
+    # dtype of the in-RAM memory tensors; the persistent store keeps float16 unless told.
+    mem_dtype: str = "float32"
+    # Queries attend to memory in chunks of this many positions, bounding the size of the
+    # retrieved (B, H, chunk, top_k, D) tensors. None processes a whole window at once.
+    mem_attention_grouping: int | None = 128
+
+    def __post_init__(self) -> None:
+        if self.mem_layers is not None:
+            layers = tuple(int(layer) for layer in self.mem_layers)
+            if not layers:
+                raise ValueError("mem_layers is empty: give at least one layer index, or None for all layers.")
+            if any(layer < 0 for layer in layers):
+                raise ValueError(f"mem_layers {layers} has a negative index: use 0-based layer indices.")
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"mem_layers {layers} repeats a layer: list each layer once.")
+            object.__setattr__(self, "mem_layers", tuple(sorted(layers)))
+        _require_positive("local_window", self.local_window)
+        _require_positive("top_k", self.top_k)
+        if self.last_context_length is not None:
+            _require_positive("last_context_length", self.last_context_length)
+        if self.fixed_position is not None and self.fixed_position < 0:
+            raise ValueError(f"fixed_position must be >= 0, got {self.fixed_position}.")
+        if self.mem_attention_grouping is not None:
+            _require_positive("mem_attention_grouping", self.mem_attention_grouping)
+        if self.positional_mode not in ("zero", "fixed"):
+            raise ValueError(f"positional_mode must be 'zero' or 'fixed', got {self.positional_mode!r}.")
+        if self.retrieval not in ("exact", "hnsw"):
+            raise ValueError(f"retrieval must be 'exact' or 'hnsw', got {self.retrieval!r}.")
+        if self.mem_dtype not in MEM_DTYPES:
+            raise ValueError(f"mem_dtype must be one of {MEM_DTYPES}, got {self.mem_dtype!r}.")
+
+    @property
+    def context_length(self) -> int:
+        """Prompt tokens kept in the local context (last_context_length, else local_window)."""
+        return self.last_context_length or self.local_window
+
+    @property
+    def query_position(self) -> int:
+        """The position every query takes against memory in "fixed" mode."""
+        return self.local_window if self.fixed_position is None else self.fixed_position
+
+    def layers_for(self, num_layers: int) -> tuple[int, ...]:
+        """The memory layers of a model with `num_layers` layers, checked against it."""
+        if self.mem_layers is None:
+            return tuple(range(num_layers))
+        too_deep = [layer for layer in self.mem_layers if layer >= num_layers]
+        if too_deep:
+            raise ValueError(
+                f"mem_layers {too_deep} do not exist: the model has {num_layers} layers (0..{num_layers - 1})."
+            )
+        return self.mem_layers
+
+    def replace(self, **changes: Any) -> MemoryConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if data["mem_layers"] is not None:
+            data["mem_layers"] = list(data["mem_layers"])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MemoryConfig:
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"Unknown memory config fields {sorted(unknown)}; known fields are {sorted(known)}.")
+        data = dict(data)
+        if data.get("mem_layers") is not None:
+            data["mem_layers"] = tuple(data["mem_layers"])
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _require_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")

@@ -1,0 +1,89 @@
+"""The exact in-RAM memory: the Memory contract, fixed shapes, GQA head mapping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fot_memory_plugin.attention import causal_mask, memory_attention
+from fot_memory_plugin.memory import ExactMemory, Memory
+
+
+def _filled(tokens=20, batch=1, kv_heads=2, dim=8, chunks=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    memory = ExactMemory()
+    keys = torch.randn(batch, kv_heads, tokens, dim, generator=generator)
+    values = torch.randn(batch, kv_heads, tokens, dim, generator=generator)
+    for piece in torch.arange(tokens).tensor_split(chunks):
+        memory.append(keys[:, :, piece], values[:, :, piece])
+    return memory, keys, values
+
+
+def test_satisfies_the_memory_protocol():
+    assert isinstance(ExactMemory(), Memory)
+
+
+def test_empty_memory_gives_all_false_mask_of_fixed_shape():
+    hits = ExactMemory().search(torch.randn(1, 4, 3, 8), k=5)
+    assert hits.keys.shape == hits.values.shape == (1, 4, 3, 5, 8)
+    assert hits.mask.shape == (1, 4, 3, 5) and not hits.mask.any()
+    assert torch.all(hits.token_ids == -1)
+
+
+def test_appends_in_chunks_keep_every_token_in_order():
+    memory, keys, values = _filled(tokens=700, chunks=7)  # crosses the doubling boundary
+    assert len(memory) == 700
+    torch.testing.assert_close(memory.keys, keys)
+    torch.testing.assert_close(memory.values, values)
+
+
+def test_search_returns_brute_force_top_k_per_query_head():
+    memory, keys, values = _filled()
+    queries = torch.randn(1, 6, 4, 8)  # 6 query heads over 2 KV heads: heads 0-2 -> 0, 3-5 -> 1
+    hits = memory.search(queries, k=5)
+    for head in range(6):
+        kv = head // 3
+        for t in range(4):
+            scores = keys[0, kv] @ queries[0, head, t]
+            expected = scores.topk(5).indices
+            assert hits.token_ids[0, head, t].tolist() == expected.tolist()
+            torch.testing.assert_close(hits.keys[0, head, t], keys[0, kv, expected])
+            torch.testing.assert_close(hits.values[0, head, t], values[0, kv, expected])
+
+
+def test_k_is_clamped_to_what_is_stored_and_padded_with_masked_slots():
+    memory, _, _ = _filled(tokens=3, chunks=1)
+    hits = memory.search(torch.randn(1, 2, 2, 8), k=8)
+    assert hits.keys.shape == (1, 2, 2, 8, 8)
+    assert hits.mask[..., :3].all() and not hits.mask[..., 3:].any()
+    assert torch.all(hits.token_ids[..., 3:] == -1)
+
+
+def test_top_k_covering_memory_equals_dense_attention_over_all_memory():
+    memory, keys, values = _filled(tokens=12, kv_heads=2)
+    query = torch.randn(1, 4, 5, 8)
+    local_keys, local_values = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    hits = memory.search(query, k=12)
+    retrieved, _ = memory_attention(
+        query, local_keys, local_values, causal_mask(5, 5), 8**-0.5, hits.keys, hits.values, hits.mask
+    )
+    # Dense: every memory token visible to every query, as a prefix of the local keys.
+    dense_keys = torch.cat((keys, local_keys), dim=2).repeat_interleave(2, dim=1)
+    dense_values = torch.cat((values, local_values), dim=2).repeat_interleave(2, dim=1)
+    allowed = torch.cat((torch.ones(1, 1, 5, 12, dtype=torch.bool), causal_mask(5, 5)), dim=-1)
+    dense = torch.nn.functional.scaled_dot_product_attention(query, dense_keys, dense_values, attn_mask=allowed)
+    torch.testing.assert_close(retrieved, dense, rtol=1e-5, atol=1e-6)
+
+
+def test_append_rejects_a_shape_from_another_layer():
+    memory, _, _ = _filled(kv_heads=2)
+    with pytest.raises(ValueError, match="one memory per layer"):
+        memory.append(torch.randn(1, 3, 4, 8), torch.randn(1, 3, 4, 8))
+    assert len(memory) == 20  # nothing stored was touched
+
+
+def test_half_precision_memory_searches_in_the_query_dtype():
+    memory = ExactMemory(dtype=torch.float16)
+    memory.append(torch.randn(1, 1, 10, 8), torch.randn(1, 1, 10, 8))
+    hits = memory.search(torch.randn(1, 1, 2, 8), k=4)
+    assert hits.keys.dtype == torch.float32 and hits.mask.all()
