@@ -1,0 +1,141 @@
+"""One exception per failure a user of the store can hit; each message says what to do.
+
+Every class subclasses `StoreError`, so callers (the core re-exports these) can catch them all
+at once. Where a builtin exception fits too, it is a second base (for example `KeyError` for an
+unknown document), so generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+__all__ = [
+    "StoreError",
+    "StoreNotFoundError",
+    "StoreLockedError",
+    "StoreReadOnlyError",
+    "IncompatibleStoreError",
+    "FingerprintRequiredError",
+    "StoreVersionError",
+    "CorruptDocumentError",
+    "DocumentNotFoundError",
+    "InvalidDocumentNameError",
+    "DuplicateDocumentError",
+]
+
+
+class StoreError(Exception):
+    """Base class of every error the persistent memory store raises on purpose."""
+
+
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """No store at the given path, and the caller asked not to create one."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            f"No memory store at {path}: read a document into it first, or open it with create=True "
+            "(and readonly=False) to make a new one."
+        )
+
+
+class StoreLockedError(StoreError):
+    """Another writer (this or another process) holds the store's writer lock."""
+
+    def __init__(self, path: str, waited_s: float) -> None:
+        super().__init__(
+            f"Another process is writing to the memory store at {path} (its writer lock {path}/store.lock "
+            f"stayed taken for {waited_s:.1f} s). Wait for that read to finish and try again; searching "
+            "the store still works meanwhile."
+        )
+
+
+class StoreReadOnlyError(StoreError):
+    """A write was attempted on a store opened with readonly=True."""
+
+    def __init__(self, path: str, action: str) -> None:
+        super().__init__(f"Cannot {action}: the memory store at {path} was opened with readonly=True. "
+                         "Open it with readonly=False to change it.")
+
+
+class IncompatibleStoreError(StoreError):
+    """The store was written for another model or memory configuration."""
+
+    def __init__(self, path: str, differences: Sequence[tuple[str, object, object]]) -> None:
+        self.differences = list(differences)
+        shown = "; ".join(f"{key}: store has {stored!r}, given {given!r}" for key, stored, given in differences[:8])
+        more = f" (and {len(differences) - 8} more)" if len(differences) > 8 else ""
+        super().__init__(
+            f"The memory store at {path} was written for another model or memory configuration: "
+            f"{shown}{more}. Use the same model and memory settings as when it was written, or read the "
+            "documents into a new store (another --store path)."
+        )
+
+
+class FingerprintRequiredError(StoreError, ValueError):
+    """A document write was started on a store opened without a model fingerprint."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            f"Cannot write to the memory store at {path} without knowing which model wrote the memory: "
+            "open it with fingerprint={...} (model id, config hash, memory config, heads, head_dim, layers)."
+        )
+
+
+class StoreVersionError(StoreError):
+    """The store was written by a newer version of this package."""
+
+    def __init__(self, path: str, found: int, supported: int) -> None:
+        super().__init__(
+            f"The memory store at {path} has format version {found}, but this version of fot-memory "
+            f"reads format {supported} at most. Upgrade the fot-memory-plugin package."
+        )
+
+
+class CorruptDocumentError(StoreError):
+    """A document's files are missing, truncated, or differ from their recorded checksums."""
+
+    def __init__(self, doc_id: str, name: str, problem: str) -> None:
+        self.doc_id = doc_id
+        self.name = name
+        self.problem = problem
+        super().__init__(
+            f"Document {name!r} (id {doc_id}) in the memory store is damaged: {problem}. Other documents "
+            f"are unaffected. Forget it (forget {doc_id}) and read the file again."
+        )
+
+
+class DocumentNotFoundError(StoreError, KeyError):
+    """No ready document has the given id or name."""
+
+    def __init__(self, key: str, known_names: Iterable[str]) -> None:
+        names = list(known_names)
+        if names:
+            listed = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            hint = f"Known documents: {listed}."
+        else:
+            hint = "The store holds no documents yet."
+        self.key = key
+        super().__init__(f"No document with id or name {key!r} in the memory store. {hint}")
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+class InvalidDocumentNameError(StoreError, ValueError):
+    """A document name that is empty or looks like a path."""
+
+    def __init__(self, name: object, reason: str) -> None:
+        super().__init__(
+            f"Invalid document name {name!r}: {reason}. Use a plain label such as the file's base name "
+            "(no '/', '\\', NUL or control characters, not '.' or '..', at most 255 characters)."
+        )
+
+
+class DuplicateDocumentError(StoreError):
+    """A document with the same name is already stored."""
+
+    def __init__(self, name: str, doc_id: str) -> None:
+        super().__init__(
+            f"A document named {name!r} is already in the memory store (id {doc_id}). Pass force=True to "
+            "replace it, or choose another name."
+        )

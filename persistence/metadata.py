@@ -1,0 +1,246 @@
+"""The store's SQLite database: format version, model fingerprint, documents and text chunks.
+
+Tables:
+  meta(key, value)        'format_version' and 'fingerprint' (JSON)
+  documents(...)          one row per READY document; the row is inserted last, in one
+                          transaction with its chunks, and that commit is what makes it visible
+  chunks(...)             token span <-> character span <-> text, for citations
+The database runs in WAL mode, so readers in other processes read beside the writer.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlite_utils
+
+__all__ = [
+    "FORMAT_VERSION",
+    "DocumentRecord",
+    "Chunk",
+    "Metadata",
+    "normalise_fingerprint",
+    "fingerprint_differences",
+]
+
+# Bump when the on-disk layout changes in a way older code cannot read.
+FORMAT_VERSION = 1
+_BUSY_TIMEOUT_S = 30.0  # SQLite waits this long for another connection's short write transaction
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS documents (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    source_path TEXT,
+    sha256 TEXT NOT NULL,
+    text_length INTEGER NOT NULL,
+    num_tokens INTEGER NOT NULL,
+    created TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    dtype TEXT NOT NULL,
+    kv_heads INTEGER NOT NULL,
+    head_dim INTEGER NOT NULL,
+    layers TEXT NOT NULL,
+    index_params TEXT NOT NULL,
+    files TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS documents_sha256 ON documents (sha256);
+CREATE TABLE IF NOT EXISTS chunks (
+    doc_id TEXT NOT NULL REFERENCES documents (id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    start_token INTEGER NOT NULL,
+    end_token INTEGER NOT NULL,
+    start_char INTEGER NOT NULL,
+    end_char INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    PRIMARY KEY (doc_id, idx)
+);
+"""
+
+
+@dataclass(frozen=True)
+class DocumentRecord:
+    """A ready document. `files` maps file name -> {"size": bytes, "crc32": hex}."""
+
+    id: str
+    name: str
+    source_path: str | None
+    sha256: str
+    num_tokens: int
+    created: str  # ISO 8601, UTC
+    metadata: dict[str, Any]
+    text_length: int = 0
+    dtype: str = "float16"
+    kv_heads: int = 0
+    head_dim: int = 0
+    layers: tuple[int, ...] = ()
+    index_params: dict[str, Any] = field(default_factory=dict)  # M, ef_construction, seed, norm bounds
+    files: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+
+    def to_row(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "name": self.name, "status": "ready", "source_path": self.source_path,
+            "sha256": self.sha256, "text_length": self.text_length, "num_tokens": self.num_tokens,
+            "created": self.created, "metadata": json.dumps(self.metadata, sort_keys=True),
+            "dtype": self.dtype, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
+            "layers": json.dumps(list(self.layers)), "index_params": json.dumps(self.index_params, sort_keys=True),
+            "files": json.dumps(self.files, sort_keys=True),
+        }
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> DocumentRecord:
+        return cls(
+            id=row["id"], name=row["name"], source_path=row["source_path"], sha256=row["sha256"],
+            num_tokens=row["num_tokens"], created=row["created"], metadata=json.loads(row["metadata"]),
+            text_length=row["text_length"], dtype=row["dtype"], kv_heads=row["kv_heads"],
+            head_dim=row["head_dim"], layers=tuple(json.loads(row["layers"])),
+            index_params=json.loads(row["index_params"]), files=json.loads(row["files"]),
+        )
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A span of a document's text: tokens [start_token, end_token) are characters [start_char, end_char)."""
+
+    doc_id: str
+    index: int
+    start_token: int
+    end_token: int
+    start_char: int
+    end_char: int
+    text: str
+
+
+def normalise_fingerprint(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The JSON round trip of a fingerprint (tuples become lists), so stored and given compare equal."""
+    if not isinstance(fingerprint, dict):
+        raise ValueError(f"fingerprint must be a JSON-able dict, got {type(fingerprint).__name__}.")
+    try:
+        return json.loads(json.dumps(fingerprint, sort_keys=True))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"fingerprint must be JSON-able (str, numbers, lists, dicts): {error}") from error
+
+
+def fingerprint_differences(stored: Any, given: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, stored value, given value) for every field that differs, nested dicts included."""
+    if isinstance(stored, dict) and isinstance(given, dict):
+        out: list[tuple[str, Any, Any]] = []
+        for key in sorted(set(stored) | set(given)):
+            out += fingerprint_differences(stored.get(key), given.get(key), f"{prefix}{key}.")
+        return out
+    return [] if stored == given else [(prefix.rstrip(".") or "fingerprint", stored, given)]
+
+
+class Metadata:
+    """The SQLite side of a store: one connection, schema, and the queries the store needs."""
+
+    def __init__(self, path: Path, *, readonly: bool) -> None:
+        self.path = path
+        if readonly:
+            conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=_BUSY_TIMEOUT_S,
+                                   check_same_thread=False)
+        else:
+            conn = sqlite3.connect(str(path), timeout=_BUSY_TIMEOUT_S, check_same_thread=False)
+        self.db = sqlite_utils.Database(conn, execute_plugins=False)
+        self.db.execute("PRAGMA foreign_keys = ON")
+        if not readonly:
+            self.db.enable_wal()
+            # Commits are rare (one per document): make each durable, not just consistent.
+            self.db.execute("PRAGMA synchronous = FULL")
+
+    def format_version(self) -> int | None:
+        """The recorded format version; None for a new, empty database."""
+        value = self.get_meta("format_version")
+        return None if value is None else int(value)
+
+    def ensure_schema(self) -> None:
+        """Create the tables and record FORMAT_VERSION (idempotent: racing creators are harmless)."""
+        self.db.conn.executescript(_SCHEMA)
+        with self.db.atomic():
+            self._put_meta_if_absent("format_version", str(FORMAT_VERSION))
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _put_meta_if_absent(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", [key, value])
+
+    def get_meta(self, key: str) -> str | None:
+        if "meta" not in self.db.table_names():
+            return None
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+        return None if row is None else row[0]
+
+    def record_fingerprint(self, fingerprint: dict[str, Any]) -> dict[str, Any]:
+        """Record the fingerprint unless one is recorded already; returns the one recorded."""
+        with self.db.atomic():
+            self._put_meta_if_absent("fingerprint", json.dumps(fingerprint, sort_keys=True))
+        stored = self.get_meta("fingerprint")
+        assert stored is not None
+        return json.loads(stored)
+
+    def documents(self) -> list[DocumentRecord]:
+        if "documents" not in self.db.table_names():
+            return []
+        rows = self.db.execute_returning_dicts("SELECT * FROM documents WHERE status = 'ready' ORDER BY created, id")
+        return [DocumentRecord.from_row(row) for row in rows]
+
+    def find(self, column: str, value: str) -> list[DocumentRecord]:
+        assert column in ("id", "name", "sha256")
+        if "documents" not in self.db.table_names():
+            return []
+        rows = self.db.execute_returning_dicts(
+            f"SELECT * FROM documents WHERE status = 'ready' AND {column} = ? ORDER BY created", [value]
+        )
+        return [DocumentRecord.from_row(row) for row in rows]
+
+    def known_ids(self) -> set[str]:
+        if "documents" not in self.db.table_names():
+            return set()
+        return {row[0] for row in self.db.execute("SELECT id FROM documents")}
+
+    def insert_document(self, record: DocumentRecord, chunks: Sequence[tuple[int, int, int, int, str]],
+                        replace_ids: Iterable[str] = ()) -> None:
+        """In ONE transaction: delete the replaced documents, insert the record and its chunks."""
+        with self.db.atomic():
+            for old in replace_ids:
+                self.db.execute("DELETE FROM documents WHERE id = ?", [old])
+            self.db.table("documents").insert(record.to_row())
+            self.db.table("chunks").insert_all(
+                ({"doc_id": record.id, "idx": i, "start_token": c[0], "end_token": c[1],
+                  "start_char": c[2], "end_char": c[3], "text": c[4]} for i, c in enumerate(chunks)),
+                batch_size=500,
+            )
+
+    def delete_document(self, doc_id: str) -> None:
+        with self.db.atomic():
+            self.db.execute("DELETE FROM documents WHERE id = ?", [doc_id])  # chunks cascade
+
+    def chunk_starts(self, doc_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(start_token, end_token) arrays of a document's chunks, sorted by start_token."""
+        rows = self.db.execute("SELECT start_token, end_token FROM chunks WHERE doc_id = ? ORDER BY idx",
+                               [doc_id]).fetchall()
+        array = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+        return array[:, 0], array[:, 1]
+
+    def chunks(self, doc_id: str, indices: Sequence[int] | None = None) -> Iterator[Chunk]:
+        """A document's chunks in order; only those with the given chunk indices if any."""
+        sql = "SELECT * FROM chunks WHERE doc_id = ?"
+        params: list[Any] = [doc_id]
+        if indices is not None:
+            wanted = sorted(set(int(i) for i in indices))
+            if not wanted:
+                return
+            sql += f" AND idx IN ({', '.join('?' * len(wanted))})"
+            params += wanted
+        for row in self.db.execute_returning_dicts(sql + " ORDER BY idx", params):
+            yield Chunk(row["doc_id"], row["idx"], row["start_token"], row["end_token"],
+                        row["start_char"], row["end_char"], row["text"])

@@ -1,0 +1,433 @@
+"""MemoryStore: a directory of documents' memories, their metadata, and the writer lock.
+
+```
+STORE/
+  memory.sqlite                  documents, chunks, meta (format version, model fingerprint)
+  store.lock                     writer lock: one document write or forget at a time
+  docs/<doc_id>/layer<L>.kv      keys and values of memory layer L (see kvfile.py)
+  docs/<doc_id>/layer<L>.h<H>.hnsw   hnswlib index over the keys of KV head H (see hnsw_index.py)
+  tmp/                           documents being written; removed on the next writer-side open
+```
+
+Readers need no lock (SQLite WAL, immutable document directories); a writer holds `store.lock`
+while it writes one document, so only one process writes at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import filelock
+import numpy as np
+
+from .errors import (
+    CorruptDocumentError,
+    DocumentNotFoundError,
+    DuplicateDocumentError,
+    FingerprintRequiredError,
+    IncompatibleStoreError,
+    StoreLockedError,
+    StoreNotFoundError,
+    StoreReadOnlyError,
+    StoreVersionError,
+)
+from .files import StoreLayout, crc32_file, index_filename, kv_filename, remove_tree, validate_name
+from .hnsw_index import HnswIndex, IndexParams
+from .kvfile import STORAGE_DTYPES, kv_file_size, open_kv
+from .memory import DEFAULT_EXACT_BELOW, DocumentLayer, PersistentMemory
+from .metadata import (
+    FORMAT_VERSION,
+    Chunk,
+    DocumentRecord,
+    Metadata,
+    fingerprint_differences,
+    normalise_fingerprint,
+)
+from .writer import DocumentWriter
+
+__all__ = ["MemoryStore"]
+
+logger = logging.getLogger(__name__)
+
+Verify = Literal["full", "size"]
+
+
+class MemoryStore:
+    """A persistent memory store (a directory). Open with `MemoryStore.open(path, ...)`; a context manager.
+
+    Example:
+        with MemoryStore.open("store", fingerprint=fp) as store:
+            with store.begin_document("book.txt", sha256=digest, text_length=n) as writer:
+                for window in windows:  # per memory layer: keys, values (Hkv, T, D)
+                    for layer, (keys, values) in window.items():
+                        writer.append(layer, keys, values)
+                writer.add_chunks(spans)
+            hits = store.memory(layer=3).search(queries, k=128)  # queries (1, Hq, T, D)
+    """
+
+    def __init__(self, layout: StoreLayout, meta: Metadata, *, fingerprint: dict[str, Any] | None,
+                 given_fingerprint: bool, readonly: bool, lock_timeout: float, verify: Verify) -> None:
+        self._layout, self._meta = layout, meta
+        self.fingerprint = fingerprint
+        self._given_fingerprint = given_fingerprint
+        self.readonly, self.lock_timeout, self.verify_mode = readonly, lock_timeout, verify
+        self._loaded: dict[tuple[str, int], DocumentLayer] = {}
+        self._verified: set[tuple[str, str]] = set()  # (doc id, file name) whose checksum matched
+        self._chunk_spans: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._load_lock = threading.Lock()
+        self._closed = False
+
+    # ---- opening and closing -------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        fingerprint: dict[str, Any] | None = None,
+        create: bool = True,
+        readonly: bool = False,
+        lock_timeout: float = 1.0,
+        verify: Verify = "full",
+    ) -> MemoryStore:
+        """Open (or create) the store at `path`.
+
+        fingerprint: what the memory was computed with (model id, config hash, memory config,
+            num_kv_heads, head_dim, mem_layers), JSON-able. Recorded by the first document write;
+            an open with a different one raises IncompatibleStoreError. None: use the recorded one
+            (enough for searching; writing needs it).
+        create: make a new store when there is none. readonly: never write, lock or clean up.
+        lock_timeout: seconds a writer waits for another writer before StoreLockedError.
+        verify: "full" checks every file's CRC-32 before its first use in this process (and its
+            size always); "size" checks sizes only, except hnswlib files, which are always
+            checksummed because hnswlib can crash on a damaged file.
+        """
+        layout = StoreLayout(Path(path).expanduser().absolute())
+        if verify not in ("full", "size"):
+            raise ValueError(f"verify must be 'full' or 'size', got {verify!r}.")
+        if not layout.sqlite.exists():
+            if readonly or not create:
+                raise StoreNotFoundError(str(layout.root))
+            layout.make_dirs()
+        meta = Metadata(layout.sqlite, readonly=readonly)
+        try:
+            stored_fp = cls._check_meta(layout, meta, readonly)
+            given = normalise_fingerprint(fingerprint) if fingerprint is not None else None
+            if given is not None and stored_fp is not None:
+                differences = fingerprint_differences(stored_fp, given)
+                if differences:
+                    raise IncompatibleStoreError(str(layout.root), differences)
+        except BaseException:
+            meta.close()
+            raise
+        store = cls(layout, meta, fingerprint=stored_fp if stored_fp is not None else given,
+                    given_fingerprint=given is not None,
+                    readonly=readonly, lock_timeout=lock_timeout, verify=verify)
+        if not readonly:
+            store._clean_up_if_unlocked()
+        return store
+
+    @staticmethod
+    def _check_meta(layout: StoreLayout, meta: Metadata, readonly: bool) -> dict[str, Any] | None:
+        """Check the format version (creating the schema if writable); returns the recorded fingerprint."""
+        version = meta.format_version()
+        if version is not None and version > FORMAT_VERSION:
+            raise StoreVersionError(str(layout.root), version, FORMAT_VERSION)
+        if not readonly:
+            meta.ensure_schema()
+            layout.make_dirs()
+        recorded = meta.get_meta("fingerprint")
+        return None if recorded is None else normalise_fingerprint(json.loads(recorded))
+
+    def close(self) -> None:
+        """Close the database and drop cached indexes; memories already made keep working."""
+        if not self._closed:
+            self._closed = True
+            self._meta.close()
+            self._loaded.clear()
+
+    def __enter__(self) -> MemoryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def path(self) -> Path:
+        return self._layout.root
+
+    def __repr__(self) -> str:
+        return f"MemoryStore({str(self.path)!r}, readonly={self.readonly})"
+
+    # ---- the writer lock and clean-up ----------------------------------------------------
+
+    def _acquire_lock(self, timeout: float) -> filelock.BaseFileLock:
+        """A NEW lock object each time: flock conflicts even with another writer in this process."""
+        lock = filelock.FileLock(str(self._layout.lock), thread_local=False)
+        try:
+            lock.acquire(timeout=timeout)
+        except filelock.Timeout:
+            raise StoreLockedError(str(self.path), timeout) from None
+        return lock
+
+    def _clean_up_if_unlocked(self) -> None:
+        """Remove leftovers of crashed writers, but only if no writer is running now."""
+        try:
+            lock = self._acquire_lock(timeout=0)
+        except StoreLockedError:
+            logger.debug("a writer is active in %s; clean-up skipped", self.path)
+            return
+        try:
+            for leftover in sorted(self._layout.tmp.iterdir()):
+                logger.warning("removing unfinished write %s (a writer crashed)", leftover)
+                if leftover.is_dir():
+                    remove_tree(leftover)
+                else:
+                    leftover.unlink(missing_ok=True)
+            known = self._meta.known_ids()
+            for directory in sorted(self._layout.docs.iterdir()):
+                if directory.is_dir() and directory.name not in known:
+                    logger.warning("removing %s: no committed document owns it (a writer crashed)", directory)
+                    remove_tree(directory)
+        finally:
+            lock.release()
+
+    def _require_writable(self, action: str) -> None:
+        if self.readonly:
+            raise StoreReadOnlyError(str(self.path), action)
+
+    # ---- writing -------------------------------------------------------------------------
+
+    def begin_document(
+        self,
+        name: str,
+        *,
+        source_path: str | os.PathLike[str] | None = None,
+        sha256: str,
+        text_length: int,
+        metadata: dict[str, Any] | None = None,
+        dtype: str = "float16",
+        force: bool = False,
+        index_params: IndexParams | None = None,
+    ) -> DocumentWriter:
+        """Start writing a document; returns a DocumentWriter holding the writer lock.
+
+        sha256: hex digest of the source text (see find_by_sha256). dtype: element type of the
+        stored keys and values ("float16", "float32" or "bfloat16"). force: replace a document
+        of the same name (atomically, at commit). Raises StoreLockedError after lock_timeout
+        seconds if another writer is active, DuplicateDocumentError (at commit too) without force.
+        """
+        self._require_writable("write a document")
+        if not self._given_fingerprint:
+            raise FingerprintRequiredError(str(self.path))
+        name = validate_name(name)
+        if dtype not in STORAGE_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}.")
+        if not isinstance(sha256, str) or not sha256:
+            raise ValueError("sha256 must be the hex digest of the document's text.")
+        if isinstance(text_length, bool) or not isinstance(text_length, int) or text_length < 0:
+            raise ValueError(f"text_length must be an int >= 0, got {text_length!r}.")
+        metadata = normalise_fingerprint(metadata or {})  # same JSON check as for fingerprints
+        lock = self._acquire_lock(self.lock_timeout)
+        try:
+            self._record_fingerprint()
+            existing = self._meta.find("name", name)
+            if existing and not force:
+                raise DuplicateDocumentError(name, existing[0].id)
+            assert self.fingerprint is not None
+            return DocumentWriter(
+                self._layout, self._meta, _Releaser(lock), name=name,
+                source_path=None if source_path is None else str(source_path), sha256=sha256,
+                text_length=text_length, metadata=metadata, dtype=dtype,
+                index_params=index_params or IndexParams(), fingerprint=self.fingerprint, force=force,
+            )
+        except BaseException:
+            lock.release()
+            raise
+
+    def _record_fingerprint(self) -> None:
+        """Under the writer lock: record our fingerprint, or check it against one recorded meanwhile."""
+        assert self.fingerprint is not None
+        recorded = self._meta.record_fingerprint(self.fingerprint)
+        differences = fingerprint_differences(recorded, self.fingerprint)
+        if differences:
+            raise IncompatibleStoreError(str(self.path), differences)
+
+    def forget(self, id_or_name: str) -> DocumentRecord:
+        """Remove a document: its row first (one transaction), then its directory. Returns its record."""
+        self._require_writable("forget a document")
+        lock = self._acquire_lock(self.lock_timeout)
+        try:
+            record = self.document(id_or_name)
+            self._meta.delete_document(record.id)
+            remove_tree(self._layout.doc_dir(record.id))
+        finally:
+            lock.release()
+        with self._load_lock:
+            for key in [key for key in self._loaded if key[0] == record.id]:
+                del self._loaded[key]
+        logger.info("forgot document %r (%s)", record.name, record.id)
+        return record
+
+    # ---- reading metadata ----------------------------------------------------------------
+
+    def documents(self) -> list[DocumentRecord]:
+        """Every ready document, oldest first."""
+        return self._meta.documents()
+
+    def document(self, id_or_name: str) -> DocumentRecord:
+        """The document with this id, else this name; DocumentNotFoundError if neither."""
+        found = self._meta.find("id", id_or_name) or self._meta.find("name", id_or_name)
+        if not found:
+            raise DocumentNotFoundError(id_or_name, [record.name for record in self.documents()])
+        return found[0]
+
+    def find_by_sha256(self, sha256: str) -> DocumentRecord | None:
+        """The newest ready document read from a text with this SHA-256, if any."""
+        found = self._meta.find("sha256", sha256)
+        return found[-1] if found else None
+
+    def info(self) -> dict[str, Any]:
+        """Summary: path, format version, fingerprint, document count, total tokens, bytes on disk."""
+        records = self.documents()
+        size = sum(file.stat().st_size for file in self.path.rglob("*") if file.is_file())
+        return {
+            "path": str(self.path), "format_version": self._meta.format_version() or FORMAT_VERSION,
+            "fingerprint": self.fingerprint, "documents": len(records),
+            "total_tokens": sum(record.num_tokens for record in records), "bytes_on_disk": size,
+        }
+
+    def chunks(self, id_or_name: str, token_indices: Sequence[int] | np.ndarray | None = None) -> list[Chunk]:
+        """A document's text chunks in order: all, or those containing any of token_indices."""
+        record = self.document(id_or_name)
+        if token_indices is None:
+            return list(self._meta.chunks(record.id))
+        if record.id not in self._chunk_spans:
+            self._chunk_spans[record.id] = self._meta.chunk_starts(record.id)
+        starts, ends = self._chunk_spans[record.id]
+        if len(starts) == 0:
+            return []
+        tokens = np.asarray(token_indices, dtype=np.int64).reshape(-1)
+        position = np.searchsorted(starts, tokens, side="right") - 1  # last chunk starting at or before
+        inside = (position >= 0) & (tokens < ends[np.clip(position, 0, None)])
+        return list(self._meta.chunks(record.id, np.unique(position[inside]).tolist()))
+
+    # ---- integrity -----------------------------------------------------------------------
+
+    def verify(self, id_or_name: str | None = None) -> dict[str, str]:
+        """Check sizes and CRC-32 of every file of one or all documents; returns {doc id: problem}."""
+        records = self.documents() if id_or_name is None else [self.document(id_or_name)]
+        problems: dict[str, str] = {}
+        for record in records:
+            try:
+                for file_name in record.files:
+                    self._check_file(record, file_name, checksum=True)
+            except CorruptDocumentError as error:
+                problems[record.id] = error.problem
+        return problems
+
+    def _check_file(self, record: DocumentRecord, file_name: str, *, checksum: bool) -> Path:
+        """Path of one of a document's files after checking its size (and CRC-32 once per process)."""
+        path = self._layout.doc_dir(record.id) / file_name
+        expected = record.files.get(file_name)
+        if expected is None:
+            raise CorruptDocumentError(record.id, record.name, f"its record lists no file {file_name}")
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            if not self._meta.find("id", record.id):
+                raise DocumentNotFoundError(record.id, [r.name for r in self.documents()]) from None
+            raise CorruptDocumentError(record.id, record.name, f"{file_name} is missing") from None
+        if size != expected["size"]:
+            raise CorruptDocumentError(record.id, record.name,
+                                       f"{file_name} has {size} bytes, {expected['size']} were written")
+        if checksum and (record.id, file_name) not in self._verified:
+            if crc32_file(path) != expected["crc32"]:
+                raise CorruptDocumentError(record.id, record.name, f"{file_name} differs from its checksum")
+            self._verified.add((record.id, file_name))
+        return path
+
+    # ---- searching -----------------------------------------------------------------------
+
+    def memory(
+        self,
+        layer: int,
+        doc_ids: Sequence[str] | None = None,
+        *,
+        ef: int | None = None,
+        exact: bool = False,
+        exact_below: int = DEFAULT_EXACT_BELOW,
+    ) -> PersistentMemory:
+        """A searchable memory of one layer over some documents (ids or names; None = all ready ones).
+
+        ef: hnswlib search breadth (default 2k, always >= k). exact: scan every key instead of
+        using the indexes (the reference path). exact_below: documents shorter than this many
+        tokens are scanned exactly anyway (faster there). A damaged document raises
+        CorruptDocumentError naming it; a memory over the other documents still works.
+        """
+        if isinstance(doc_ids, str):
+            raise TypeError(f"doc_ids must be a list of ids or names, got the string {doc_ids!r}; "
+                            f"use [{doc_ids!r}].")
+        records = self.documents() if doc_ids is None else [self.document(key) for key in doc_ids]
+        if len({record.id for record in records}) != len(records):
+            raise ValueError(f"doc_ids {list(doc_ids or [])} name a document twice: list each once.")
+        need_index = not exact
+        parts = [self._load_layer(record, layer, need_index and record.num_tokens >= exact_below)
+                 for record in records]
+        kv_heads, head_dim = self._shape_of(records)
+        return PersistentMemory(layer, parts, kv_heads=kv_heads, head_dim=head_dim, ef=ef, exact=exact,
+                                exact_below=exact_below)
+
+    def _shape_of(self, records: list[DocumentRecord]) -> tuple[int | None, int | None]:
+        """(Hkv, D) shared by the documents, else as the fingerprint says (None if unknown)."""
+        shapes = {(record.kv_heads, record.head_dim) for record in records}
+        if len(shapes) > 1:
+            raise IncompatibleStoreError(str(self.path), [("kv_heads, head_dim", sorted(shapes), "one shape")])
+        if shapes:
+            return next(iter(shapes))
+        fingerprint = self.fingerprint or {}
+        return fingerprint.get("num_kv_heads"), fingerprint.get("head_dim")
+
+    def _load_layer(self, record: DocumentRecord, layer: int, need_index: bool) -> DocumentLayer:
+        """One document's layer, memory-mapped (and its indexes loaded if needed); cached per store."""
+        if layer not in record.layers:
+            raise ValueError(f"Document {record.name!r} has no memory for layer {layer}; it stores layers "
+                             f"{list(record.layers)}.")
+        with self._load_lock:
+            part = self._loaded.get((record.id, layer))
+            if part is None:
+                name = kv_filename(layer)
+                path = self._check_file(record, name, checksum=self.verify_mode == "full")
+                assert record.files[name]["size"] == kv_file_size(record.num_tokens, record.kv_heads,
+                                                                   record.head_dim, record.dtype)
+                kv = open_kv(path, record.num_tokens, record.kv_heads, record.head_dim, record.dtype)
+                part = DocumentLayer(record.id, record.name, kv, record.dtype, None)
+            if need_index and part.indexes is None:
+                part.indexes = [self._load_index(record, layer, head) for head in range(record.kv_heads)]
+            self._loaded[(record.id, layer)] = part
+            return part
+
+    def _load_index(self, record: DocumentRecord, layer: int, head: int) -> HnswIndex:
+        path = self._check_file(record, index_filename(layer, head), checksum=True)
+        try:
+            return HnswIndex.load(path, record.head_dim, record.num_tokens)
+        except (RuntimeError, ValueError, MemoryError) as error:
+            raise CorruptDocumentError(record.id, record.name, f"{path.name} cannot be loaded ({error})") from error
+
+
+class _Releaser:
+    """Releases a writer lock once (a writer may both abort and exit)."""
+
+    def __init__(self, lock: filelock.BaseFileLock) -> None:
+        self._lock: filelock.BaseFileLock | None = lock
+
+    def __call__(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None

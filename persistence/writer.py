@@ -1,0 +1,273 @@
+"""DocumentWriter: streams one document's keys and values to disk, then publishes it atomically.
+
+Order of a commit (each step survives a crash of the step after it):
+  1. `.kv` files closed and fsynced in tmp/<random>/ (they were written window by window)
+  2. hnswlib indexes built from them (the key norm bound is known now) and saved, fsynced
+  3. the temp directory fsynced, renamed to docs/<doc_id>/, docs/ fsynced
+  4. ONE SQLite transaction: delete the documents it replaces, insert its row and chunks
+  5. replaced documents' directories removed
+A crash before 4 leaves a directory without a row, which the next writer-side open removes;
+a crash after 4 leaves a replaced directory without a row, removed the same way. Readers only
+ever see documents whose row is committed, so only complete documents.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import DuplicateDocumentError
+from .files import StoreLayout, crc32_file, fsync_dir, fsync_file, index_filename, kv_filename, new_doc_id, remove_tree
+from .hnsw_index import IndexParams, build_index
+from .kvfile import KVFileWriter, open_kv, to_storage
+from .metadata import DocumentRecord, Metadata
+
+__all__ = ["DocumentWriter", "ChunkSpan"]
+
+logger = logging.getLogger(__name__)
+
+# (start_token, end_token, start_char, end_char, text): tokens [start, end) are chars [start, end).
+ChunkSpan = tuple[int, int, int, int, str]
+
+
+def _no_step(step: str) -> None:
+    """Default of `after_step`: do nothing."""
+
+
+# Called with the name of each finished commit step ("kv_written", "files_written", "renamed",
+# "committed" (after the lock is released)). Crash tests replace it in a worker process to stop there and be killed.
+after_step: Callable[[str], None] = _no_step
+
+
+def _as_array(name: str, array: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    if not isinstance(array, (np.ndarray, torch.Tensor)):
+        raise TypeError(f"append takes {name} as a numpy array or torch tensor, got {type(array).__name__}.")
+    if array.ndim != 3:
+        raise ValueError(f"append takes {name} of shape (Hkv, T, D) for one layer; got shape {tuple(array.shape)}.")
+    return array
+
+
+def _check_chunk(chunk: Sequence[Any]) -> ChunkSpan:
+    if len(chunk) != 5:
+        raise ValueError(f"a chunk is (start_token, end_token, start_char, end_char, text); got {chunk!r}.")
+    start_token, end_token, start_char, end_char, text = chunk
+    spans = (start_token, end_token, start_char, end_char)
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in spans):
+        raise ValueError(f"chunk spans must be ints >= 0; got {spans}.")
+    if start_token >= end_token or start_char > end_char:
+        raise ValueError(f"chunk spans must have start < end tokens and start <= end chars; got {spans}.")
+    if not isinstance(text, str):
+        raise ValueError(f"chunk text must be a str, got {type(text).__name__}.")
+    return int(start_token), int(end_token), int(start_char), int(end_char), text
+
+
+class DocumentWriter:
+    """Write one document (made by `MemoryStore.begin_document`; use it as a context manager).
+
+    Holds the store's writer lock from creation until commit or abort. Nothing becomes visible
+    to readers until the `with` block exits cleanly; an exception discards everything written.
+    """
+
+    def __init__(
+        self,
+        layout: StoreLayout,
+        meta: Metadata,
+        release_lock: Callable[[], None],
+        *,
+        name: str,
+        source_path: str | None,
+        sha256: str,
+        text_length: int,
+        metadata: dict[str, Any],
+        dtype: str,
+        index_params: IndexParams,
+        fingerprint: dict[str, Any],
+        force: bool,
+    ) -> None:
+        self._layout, self._meta, self._release_lock = layout, meta, release_lock
+        self.name, self.source_path, self.sha256 = name, source_path, sha256
+        self.text_length, self.metadata, self.dtype = text_length, metadata, dtype
+        self.index_params, self.force = index_params, force
+        self._expect_layers = fingerprint.get("mem_layers")
+        self._kv_heads: int | None = fingerprint.get("num_kv_heads")
+        self._head_dim: int | None = fingerprint.get("head_dim")
+        self.doc_id = new_doc_id()
+        self._files: dict[int, KVFileWriter] = {}
+        self._chunks: list[ChunkSpan] = []
+        self._state = "open"  # -> "committed" | "aborted"
+        self.record: DocumentRecord | None = None
+        self._tmp = layout.new_temp_dir()
+
+    def __enter__(self) -> DocumentWriter:
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif self._state == "open":
+            self.commit()
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens appended so far (to the layer that has the fewest)."""
+        return min((f.num_tokens for f in self._files.values()), default=0)
+
+    def append(self, layer: int, keys: np.ndarray | torch.Tensor, values: np.ndarray | torch.Tensor) -> None:
+        """Append one reading window of one memory layer: keys and values (Hkv, T, D), pre-RoPE keys.
+
+        Call once per layer per window, windows in token order; all layers must end equally long.
+        """
+        self._require_open()
+        keys, values = _as_array("keys", keys), _as_array("values", values)
+        if tuple(keys.shape) != tuple(values.shape):
+            raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} differ in shape.")
+        layer = self._check_layer(layer)
+        kv_heads, length, head_dim = (int(n) for n in keys.shape)
+        expected = (self._kv_heads, self._head_dim)  # from the fingerprint or the first append
+        if any(want is not None and want != got for want, got in zip(expected, (kv_heads, head_dim))):
+            raise ValueError(
+                f"append got (Hkv, D) = ({kv_heads}, {head_dim}) but this store holds ({self._kv_heads}, "
+                f"{self._head_dim}): keys must come from the model the store was opened for."
+            )
+        self._kv_heads, self._head_dim = kv_heads, head_dim
+        if length == 0:
+            return
+        if layer not in self._files:
+            path = self._tmp / kv_filename(layer)
+            self._files[layer] = KVFileWriter(path, kv_heads, head_dim, self.dtype)
+        self._files[layer].append(to_storage(keys, self.dtype), to_storage(values, self.dtype))
+
+    def _check_layer(self, layer: int) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or layer < 0:
+            raise ValueError(f"layer must be a layer index >= 0, got {layer!r}.")
+        if self._expect_layers is not None and int(layer) not in self._expect_layers:
+            raise ValueError(f"layer {layer} is not a memory layer of this store (mem_layers {self._expect_layers}).")
+        return int(layer)
+
+    def add_chunks(self, chunks: Iterable[Sequence[Any]]) -> None:
+        """Record text chunks (start_token, end_token, start_char, end_char, text) for citations.
+
+        Chunks may come in any number of calls; together they must not overlap in tokens.
+        """
+        self._require_open()
+        self._chunks.extend(_check_chunk(chunk) for chunk in chunks)
+
+    def _require_open(self) -> None:
+        if self._state != "open":
+            raise RuntimeError(f"This document writer is {self._state}; start a new one with begin_document.")
+
+    def _checked_layout(self) -> tuple[int, list[ChunkSpan]]:
+        """Validate what was appended; returns (token count, chunks sorted by start token)."""
+        counts = {layer: f.num_tokens for layer, f in self._files.items()}
+        if not counts:
+            raise ValueError(f"Document {self.name!r} has no tokens: append keys and values before finishing it.")
+        if len(set(counts.values())) != 1:
+            raise ValueError(f"Layers hold different token counts {counts}: append every window to every layer.")
+        if self._expect_layers is not None and sorted(counts) != sorted(self._expect_layers):
+            missing = sorted(set(self._expect_layers) - set(counts))
+            raise ValueError(f"No keys were appended for memory layers {missing}: append every memory layer.")
+        num_tokens = next(iter(counts.values()))
+        chunks = sorted(self._chunks)
+        for before, after in zip(chunks, chunks[1:]):
+            if after[0] < before[1]:
+                raise ValueError(f"chunks {before[:4]} and {after[:4]} overlap in tokens: chunks must not overlap.")
+        if chunks and chunks[-1][1] > num_tokens:
+            raise ValueError(f"chunk {chunks[-1][:4]} ends after the document's {num_tokens} tokens.")
+        return num_tokens, chunks
+
+    def commit(self) -> DocumentRecord:
+        """Finish indexes, write and publish the document (see the module docstring). Returns its record."""
+        self._require_open()
+        try:
+            num_tokens, chunks = self._checked_layout()
+            started = time.perf_counter()
+            files = self._finish_kv_files()
+            after_step("kv_written")
+            bounds = self._build_indexes(num_tokens, files)
+            after_step("files_written")
+            record = self._make_record(num_tokens, files, bounds)
+            replaced = self._publish(record, chunks)
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "committed"
+        self.record = record
+        self._release_lock()
+        for old in replaced:
+            remove_tree(self._layout.doc_dir(old))
+        after_step("committed")
+        logger.info("stored document %r (%s): %d tokens, %d layers in %.1f s", record.name, record.id,
+                    num_tokens, len(record.layers), time.perf_counter() - started)
+        return record
+
+    def _finish_kv_files(self) -> dict[str, dict[str, Any]]:
+        files: dict[str, dict[str, Any]] = {}
+        for layer, writer in sorted(self._files.items()):
+            size, crc = writer.finish()
+            fsync_file(writer.path)
+            files[writer.path.name] = {"size": size, "crc32": crc}
+        return files
+
+    def _build_indexes(self, num_tokens: int, files: dict[str, dict[str, Any]]) -> dict[str, list[float]]:
+        """One hnswlib index per (layer, KV head), saved next to the .kv files; returns norm bounds."""
+        bounds: dict[str, list[float]] = {}
+        assert self._kv_heads is not None and self._head_dim is not None
+        for layer in sorted(self._files):
+            kv = open_kv(self._tmp / kv_filename(layer), num_tokens, self._kv_heads, self._head_dim, self.dtype)
+            bounds[str(layer)] = []
+            for head in range(self._kv_heads):
+                index, bound = build_index(kv, head, self.dtype, self.index_params)
+                path = self._tmp / index_filename(layer, head)
+                index.save_index(str(path))
+                del index  # free the graph before building the next one
+                fsync_file(path)
+                files[path.name] = {"size": path.stat().st_size, "crc32": crc32_file(path)}
+                bounds[str(layer)].append(bound)
+            del kv
+        return bounds
+
+    def _make_record(
+        self, num_tokens: int, files: dict[str, dict[str, Any]], bounds: dict[str, list[float]]
+    ) -> DocumentRecord:
+        assert self._kv_heads is not None and self._head_dim is not None
+        return DocumentRecord(
+            id=self.doc_id, name=self.name, source_path=self.source_path, sha256=self.sha256,
+            num_tokens=num_tokens, created=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+            metadata=self.metadata, text_length=self.text_length, dtype=self.dtype,
+            kv_heads=self._kv_heads, head_dim=self._head_dim, layers=tuple(sorted(self._files)),
+            index_params={**self.index_params.to_dict(), "space": "l2 over keys + sqrt(B^2 - |k|^2)",
+                          "norm_bounds": bounds},
+            files=files,
+        )
+
+    def _publish(self, record: DocumentRecord, chunks: list[ChunkSpan]) -> list[str]:
+        """Rename the directory into docs/ and commit the row; returns ids of replaced documents."""
+        existing = [old.id for old in self._meta.find("name", self.name)]
+        if existing and not self.force:
+            raise DuplicateDocumentError(self.name, existing[0])
+        fsync_dir(self._tmp)
+        final = self._layout.doc_dir(record.id)
+        os.rename(self._tmp, final)
+        self._tmp = final  # abort() now removes the published directory
+        fsync_dir(self._layout.docs)
+        after_step("renamed")
+        self._meta.insert_document(record, chunks, replace_ids=existing)
+        return existing
+
+    def abort(self) -> None:
+        """Discard everything written (idempotent); releases the writer lock."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        for writer in self._files.values():
+            writer.abort()
+        remove_tree(self._tmp)
+        self._release_lock()
+        logger.info("discarded unfinished document %r", self.name)
