@@ -159,8 +159,12 @@ class MemoryEngine:
         temperature: float = 0.7,
         top_p: float = 0.9,
         streamer: BaseStreamer | None = None,
+        **generate_options: Any,
     ) -> torch.Tensor:
-        """New token ids (1, M) continuing prompt_ids (1, N), the memory layers retrieving from memory."""
+        """New token ids (1, M) continuing prompt_ids (1, N), the memory layers retrieving from memory.
+
+        Further keyword arguments go to `model.generate` (for example min_new_tokens).
+        """
         prompt_ids = self._split_prompt(prompt_ids.to(self.device))
         options: dict[str, Any] = {"do_sample": do_sample}
         if do_sample:
@@ -174,6 +178,7 @@ class MemoryEngine:
             pad_token_id=self._pad_token_id(),
             streamer=streamer,
             **options,
+            **generate_options,
         )
         return output[:, prompt_ids.shape[1] :]
 

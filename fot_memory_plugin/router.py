@@ -15,6 +15,7 @@ import contextlib
 from typing import Callable, Iterator, Mapping
 
 import torch
+import torch.nn.functional as F
 
 from .adapters import LayerAttentionCall
 from .attention import memory_attention
@@ -60,8 +61,7 @@ class MemoryRouter:
             self._captured[call.layer] = (call.new_keys, call.new_values)
         memory = self.memories.get(call.layer)
         if not self.retrieve or memory is None or len(memory) == 0:
-            output, _ = memory_attention(call.query, call.keys, call.values, call.allowed, call.scaling)
-            return output
+            return _local_attention(call)
         if self.config.positional_mode == "fixed":
             memory_query = call.query_at(self.config.query_position)
         else:
@@ -91,3 +91,10 @@ class MemoryRouter:
                 self.recorder(call.layer, hits.token_ids, weights)
             outputs.append(output)
         return torch.cat(outputs, dim=2)
+
+
+def _local_attention(call: LayerAttentionCall) -> torch.Tensor:
+    """Attention over the local window alone: the fused kernel, nothing to join with memory."""
+    return F.scaled_dot_product_attention(
+        call.query, call.keys, call.values, attn_mask=call.allowed, scale=call.scaling, enable_gqa=True
+    )

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 
+from pathlib import Path
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The converted default model is cached inside the checkout, so test runs share it and never
+# touch the user's cache.
+os.environ.setdefault("FOT_MEMORY_CACHE", str(Path(__file__).resolve().parents[1] / ".cache"))
 
 import pytest
 import torch
@@ -38,3 +43,11 @@ def model() -> LlamaForCausalLM:
 @pytest.fixture
 def token_ids() -> torch.Tensor:
     return torch.randint(0, TINY_VOCAB, (1, 24), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real default model (SmolLM2-135M-Instruct), loaded once per test session."""
+    from fot_memory_plugin.models import load_model
+
+    return load_model()
