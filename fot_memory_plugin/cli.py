@@ -70,7 +70,141 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(passkey)
     _add_memory_options(passkey)
     passkey.set_defaults(handler=_eval_passkey)
+    _add_store_commands(commands)
     return parser
+
+
+def _store_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", help="store directory (default: $FOT_MEMORY_STORE or the user data directory)")
+
+
+def _add_store_commands(commands: argparse._SubParsersAction) -> None:
+    read = commands.add_parser("read", help="read documents into the store (once; the store keeps them)")
+    read.add_argument("paths", nargs="+", metavar="PATH", help="plain-text or markdown files")
+    _store_option(read)
+    read.add_argument("--name", help="document name (one PATH only; default: the file name)")
+    read.add_argument("--force", action="store_true", help="read again even if already stored; replace same name")
+    read.add_argument("--json", action="store_true", help="print the stored documents as JSON")
+    read.add_argument("--model", help="model for a NEW store: 'smollm2' (default) or a local model path")
+    read.add_argument("--mem-layers", help="memory layers for a new store: all (default) | 0,5,10 | 0-14")
+    read.add_argument("--local-window", type=int, help="reading window for a new store (default 512)")
+    read.set_defaults(handler=_read)
+
+    ask = commands.add_parser("ask", help="answer a question from stored documents, with sources")
+    ask.add_argument("question")
+    _store_option(ask)
+    ask.add_argument("--doc", action="append", metavar="ID_OR_NAME", help="attend to this document (repeatable)")
+    ask.add_argument("--max-new-tokens", type=int, default=64)
+    ask.add_argument("--no-chat", action="store_true", help="complete the text as given, without the chat template")
+    ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    ask.add_argument("--sources", type=int, default=3, help="passages to cite")
+    ask.add_argument("--json", action="store_true", help='print {"answer": ..., "sources": [...]}')
+    ask.set_defaults(handler=_ask)
+
+    docs = commands.add_parser("docs", help="list stored documents")
+    _store_option(docs)
+    docs.add_argument("--json", action="store_true")
+    docs.set_defaults(handler=_docs)
+
+    forget = commands.add_parser("forget", help="delete a document from the store")
+    forget.add_argument("document", metavar="ID_OR_NAME")
+    _store_option(forget)
+    forget.set_defaults(handler=_forget)
+
+    info = commands.add_parser("info", help="the store's model, memory config and size")
+    _store_option(info)
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(handler=_info)
+
+
+def _open_documents(args: argparse.Namespace, readonly: bool = False, with_model: bool = True):
+    from .documents import DocumentMemory
+
+    config = None
+    if getattr(args, "mem_layers", None) or getattr(args, "local_window", None):
+        from .documents import STORE_DEFAULTS
+
+        layers = None if args.mem_layers in (None, "all") else parse_layers(args.mem_layers, num_layers=0)
+        config = STORE_DEFAULTS.replace(
+            mem_layers=layers, local_window=args.local_window or STORE_DEFAULTS.local_window
+        )
+    return DocumentMemory.open(args.store, model=getattr(args, "model", None), config=config, readonly=readonly)
+
+
+def _record_dict(record) -> dict:
+    return {
+        "id": record.id, "name": record.name, "source_path": record.source_path, "tokens": record.num_tokens,
+        "characters": record.text_length, "created": record.created, "sha256": record.sha256,
+    }
+
+
+def _read(args: argparse.Namespace) -> int:
+    if args.name and len(args.paths) > 1:
+        raise ValueError("--name names one document: give one PATH with it, or leave --name out.")
+    stored = []
+    with _open_documents(args) as memory:
+        for path in args.paths:
+            record, fresh = memory.read_file(path, name=args.name, force=args.force, progress=not args.json)
+            stored.append(_record_dict(record) | {"read_now": fresh})
+            if not args.json:
+                verb = "read" if fresh else "already stored (use --force to read again)"
+                print(f"{path}: {verb} as {record.name!r} [{record.id}], {record.num_tokens} tokens")
+    if args.json:
+        print(json.dumps({"documents": stored}))
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    with _open_documents(args, readonly=True) as memory:
+        on_text = (lambda piece: print(piece, end="", flush=True)) if args.stream and not args.json else None
+        answer = memory.ask(
+            args.question, docs=args.doc, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
+            on_text=on_text, num_sources=args.sources,
+        )
+    if args.json:
+        print(json.dumps(answer.to_dict()))
+        return 0
+    print(answer.text if on_text is None else "")
+    for number, source in enumerate(answer.sources, 1):
+        passage = " ".join(source.text.split())
+        print(f"[{number}] {source.doc} chars {source.start_char}-{source.end_char} "
+              f"(weight {source.weight:.3f}): {passage}")
+    return 0
+
+
+def _plain_store(args: argparse.Namespace, readonly: bool = True):
+    from .documents import default_store_dir
+    from .persistence import MemoryStore
+
+    return MemoryStore.open(args.store or default_store_dir(), create=not readonly, readonly=readonly)
+
+
+def _docs(args: argparse.Namespace) -> int:
+    with _plain_store(args) as store:
+        records = [_record_dict(record) for record in store.documents()]
+    if args.json:
+        print(json.dumps({"documents": records}))
+    for record in [] if args.json else records:
+        print(f"{record['id']}  {record['name']}  {record['tokens']} tokens  {record['created']}")
+    return 0
+
+
+def _forget(args: argparse.Namespace) -> int:
+    with _plain_store(args, readonly=False) as store:
+        record = store.forget(args.document)
+    print(f"forgot {record.name!r} [{record.id}]")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    with _plain_store(args) as store:
+        info = store.info()
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    for key, value in info.items():
+        print(f"{key}: {json.dumps(value) if isinstance(value, dict) else value}")
+    return 0
 
 
 def _engine(args: argparse.Namespace):
@@ -109,15 +243,14 @@ def _eval_passkey(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .errors import FoTMemoryError, StoreError
+
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        from .errors import FoTMemoryError
-
-        if isinstance(error, FoTMemoryError) or type(error).__module__.startswith("fot_memory_plugin"):
-            print(f"fot-memory: error: {error}", file=sys.stderr)
-            return 2
-        raise
+    except (FoTMemoryError, StoreError, ValueError) as error:
+        # Our errors carry a sentence that says what to do; a traceback would only hide it.
+        print(f"fot-memory: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

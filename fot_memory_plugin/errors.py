@@ -7,12 +7,39 @@ re-exported here.
 from __future__ import annotations
 
 from .adapters.base import AdapterStateError, UnsupportedModelError
+from .persistence.errors import (
+    CorruptDocumentError,
+    DocumentNotFoundError,
+    DuplicateDocumentError,
+    FingerprintRequiredError,
+    IncompatibleStoreError,
+    InvalidDocumentNameError,
+    StoreError,
+    StoreLockedError,
+    StoreNotFoundError,
+    StoreReadOnlyError,
+    StoreVersionError,
+)
 
 __all__ = [
     "FoTMemoryError",
     "UnsupportedModelError",
     "AdapterStateError",
     "ModelNotFoundError",
+    "DocumentInputError",
+    "NoDocumentsError",
+    "QuestionTooLongError",
+    "StoreError",
+    "StoreNotFoundError",
+    "StoreLockedError",
+    "StoreReadOnlyError",
+    "IncompatibleStoreError",
+    "FingerprintRequiredError",
+    "StoreVersionError",
+    "CorruptDocumentError",
+    "DocumentNotFoundError",
+    "InvalidDocumentNameError",
+    "DuplicateDocumentError",
 ]
 
 
@@ -22,3 +49,15 @@ class FoTMemoryError(Exception):
 
 class ModelNotFoundError(FoTMemoryError, FileNotFoundError):
     """A model name or path that resolves to nothing on this machine."""
+
+
+class DocumentInputError(FoTMemoryError, ValueError):
+    """A document that cannot be read: missing, empty, binary or not UTF-8."""
+
+
+class NoDocumentsError(FoTMemoryError, LookupError):
+    """A question asked of a store that holds no documents."""
+
+
+class QuestionTooLongError(FoTMemoryError, ValueError):
+    """A question longer than the local context: read long material as a document instead."""

@@ -1,0 +1,282 @@
+"""Retrieval fidelity of the persistent store's HNSW indexes on REAL SmolLM2 keys and queries.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/store_recall.py
+    # = --tokens 16384 --layers 0 5 10 15 20 25 29 --efs 32 64 128 256 512 --ks 32 128 --index-m 16
+
+1. Reads the first `tokens` + one window of Persuasion with SmolLM2-135M (memory in all 30 layers,
+   no retrieval while reading; cached in benchmarks/out/cache) and writes the first `tokens` of
+   the chosen layers into a store (benchmarks/out/stores/recall-<tokens>-M<M>, float16, hnswlib).
+2. Captures the real memory queries: the model, with exact in-RAM memory over the same keys in
+   all 30 layers, answers three 512-token prompts taken from later in the book (a continuation,
+   two passages ending in a question about the memory) and generates 16 tokens greedily; every
+   query a memory layer sends to memory is recorded (prefill positions subsampled, every decode step).
+3. Per layer, ef and k: recall@k of the store's HNSW search vs the exact top-k over the same
+   stored keys, and the captured softmax mass: per query, sum over the retrieved keys of
+   softmax(q.k / sqrt(D)) taken over ALL stored keys, divided by the same sum for the exact
+   top-k. Also the search time, and recall for keys of the held-out window used as queries
+   (in-distribution queries, the usual optimistic benchmark).
+Prints markdown tables and writes benchmarks/out/store_recall.png and store_recall.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+import _real_keys as rk  # noqa: E402
+from fot_memory_plugin import ExactMemory, MemoryConfig, MemoryEngine  # noqa: E402
+from fot_memory_plugin.persistence import IndexParams, MemoryStore, default_ef  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens of the book in memory")
+    parser.add_argument("--layers", type=int, nargs="+", default=[0, 5, 10, 15, 20, 25, 29],
+                        help="memory layers stored and evaluated (the model itself uses memory in all 30)")
+    parser.add_argument("--efs", type=int, nargs="+", default=[32, 64, 128, 256, 512])
+    parser.add_argument("--ks", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--index-m", type=int, nargs="+", default=[16], help="hnswlib M; one store per value")
+    parser.add_argument("--positions", type=int, default=64, help="prefill query positions kept per prompt")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--positional-mode", choices=["zero", "fixed"], default="zero")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild stores even if they exist")
+    parser.add_argument("--out", type=Path, default=rk.OUT)
+    return parser.parse_args()
+
+
+@dataclass
+class LayerQueries:
+    """One layer's queries (Hq, R, D) float32, and which rows came from decode steps (R,) bool."""
+
+    queries: torch.Tensor
+    decode: torch.Tensor
+
+
+def capture_queries(engine: MemoryEngine, reading: rk.Reading, tokens: int, positions: int,
+                    new_tokens: int) -> tuple[dict[int, LayerQueries], list[str]]:
+    """Real memory queries of every memory layer while the model answers the prompts; and its answers."""
+    memories = {}
+    for layer in engine.layers:
+        exact = ExactMemory()
+        exact.append(reading.keys[layer][None, :, :tokens].float(), reading.values[layer][None, :, :tokens].float())
+        memories[layer] = rk.InstrumentedMemory(exact, keep_queries=True)
+    engine.reset(memories)
+    ids = rk.book_ids(engine)
+    per_prompt: list[dict[int, LayerQueries]] = []
+    answers = []
+    for name, prompt in rk.prompts(engine, ids, after=reading.num_tokens, length=engine.config.local_window):
+        calls_before = {layer: len(memory.queries) for layer, memory in memories.items()}
+        new = engine.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        answers.append(f"{name}: {engine.tokenizer.decode(new[0], skip_special_tokens=True)!r}")
+        per_prompt.append({layer: _split_calls(memory.queries[calls_before[layer]:], positions)
+                           for layer, memory in memories.items()})
+    engine.reset()
+    merged = {layer: LayerQueries(torch.cat([p[layer].queries for p in per_prompt], dim=1),
+                                  torch.cat([p[layer].decode for p in per_prompt]))
+              for layer in engine.layers}
+    return merged, answers
+
+
+def _split_calls(calls: list[torch.Tensor], positions: int) -> LayerQueries:
+    """Prefill calls (T > 1, in chunks) subsampled to `positions` evenly spaced rows, plus every decode call."""
+    prefill = torch.cat([call[0] for call in calls if call.shape[2] > 1], dim=1)  # (Hq, P, D)
+    keep = torch.linspace(0, prefill.shape[1] - 1, min(positions, prefill.shape[1])).round().long()
+    decode = [call[0] for call in calls if call.shape[2] == 1]
+    queries = torch.cat([prefill[:, keep], *decode], dim=1)
+    is_decode = torch.cat([torch.zeros(len(keep), dtype=torch.bool), torch.ones(len(decode), dtype=torch.bool)])
+    return LayerQueries(queries, is_decode)
+
+
+def held_out_keys(reading: rk.Reading, layer: int, tokens: int, q_heads: int, count: int = 64) -> torch.Tensor:
+    """Keys of tokens after the memory used as queries (Hq, R, D): each query head gets its KV head's keys."""
+    keys = reading.keys[layer][:, tokens:].float()  # (Hkv, W, D)
+    keep = torch.linspace(0, keys.shape[1] - 1, min(count, keys.shape[1])).round().long()
+    return keys[:, keep].repeat_interleave(q_heads // keys.shape[0], dim=0)
+
+
+@dataclass
+class Exact:
+    """Exact reference for one layer's queries: top-k ids (Hq, R, k) and softmax over all memory (Hq, R, N)."""
+
+    probabilities: torch.Tensor
+    top_ids: dict[int, torch.Tensor]
+
+
+def exact_reference(queries: torch.Tensor, keys: torch.Tensor, ks: list[int]) -> Exact:
+    """queries (Hq, R, D), keys (Hkv, N, D) float32 as stored (float16 -> float32)."""
+    group = queries.shape[0] // keys.shape[0]
+    scores = torch.einsum("hrd,hnd->hrn", queries, keys.repeat_interleave(group, dim=0))
+    probabilities = torch.softmax(scores / math.sqrt(keys.shape[-1]), dim=-1)
+    return Exact(probabilities, {k: scores.topk(k, dim=-1).indices for k in ks})
+
+
+@dataclass
+class Row:
+    M: int
+    layer: int
+    ef: int
+    k: int
+    queries: str  # "model" (captured) or "held-out keys"
+    recall: float
+    recall_decode: float  # over decode-step queries only (nan for held-out keys)
+    mass_ratio: float  # captured softmax mass / exact top-k's
+    exact_mass: float  # share of the whole memory softmax in the exact top-k
+    us_per_query: float  # search time per query vector (one query head, one position)
+
+
+def score(found: torch.Tensor, exact: Exact, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per query row: recall, mass ratio, exact top-k mass; found (Hq, R, k) ids."""
+    exact_ids = exact.top_ids[k]
+    in_exact = torch.zeros_like(exact.probabilities, dtype=torch.bool).scatter_(-1, exact_ids, True)
+    recall = in_exact.gather(-1, found).float().mean(-1)
+    exact_mass = exact.probabilities.gather(-1, exact_ids).sum(-1)
+    found_mass = exact.probabilities.gather(-1, found).sum(-1)
+    return recall, found_mass / exact_mass, exact_mass
+
+
+def evaluate_layer(store: MemoryStore, M: int, layer: int, queries: LayerQueries, held_out: torch.Tensor,
+                   keys: torch.Tensor, efs: list[int], ks: list[int]) -> list[Row]:
+    rows = []
+    for kind, batch, decode in (("model", queries.queries, queries.decode), ("held-out keys", held_out, None)):
+        exact = exact_reference(batch, keys, ks)
+        for k in ks:
+            # The store searches with max(ef, k); its default ef always, for the per-layer table.
+            for ef in sorted({max(ef, k) for ef in efs} | {default_ef(k)}):
+                memory = store.memory(layer, ef=ef, exact_below=0)
+                started = time.perf_counter()
+                found = memory.search(batch[None], k).token_ids[0]
+                seconds = time.perf_counter() - started
+                recall, ratio, exact_mass = score(found, exact, k)
+                recall_decode = recall[:, decode].mean().item() if decode is not None else float("nan")
+                rows.append(Row(M, layer, ef, k, kind, recall.mean().item(), recall_decode, ratio.mean().item(),
+                                exact_mass.mean().item(), 1e6 * seconds / (batch.shape[0] * batch.shape[1])))
+    return rows
+
+
+def exact_scan_us(store: MemoryStore, layer: int, queries: torch.Tensor, k: int) -> float:
+    """The store's exact scan (its reference path), microseconds per query vector."""
+    memory = store.memory(layer, exact=True)
+    started = time.perf_counter()
+    memory.search(queries[None], k)
+    return 1e6 * (time.perf_counter() - started) / (queries.shape[0] * queries.shape[1])
+
+
+def summary_table(rows: list[Row], ks: list[int], efs: list[int], exact_us: dict[int, float]) -> str:
+    """Per (M, ef): mean over layers and the worst layer, model queries."""
+    header = ["M", "ef"]
+    for k in ks:
+        header += [f"recall@{k} mean", f"recall@{k} min (layer)", f"mass@{k} mean", f"mass@{k} min", f"µs/query k={k}"]
+    body = []
+    for M in sorted({row.M for row in rows}):
+        for ef in sorted(set(efs)):
+            line: list[object] = [M, ef]
+            for k in ks:
+                cells = [r for r in rows if r.M == M and r.k == k and r.ef == max(ef, k) and r.queries == "model"]
+                if ef < k:  # the same search as ef = k
+                    line += ["(= ef " + str(k) + ")"] + [""] * 4
+                    continue
+                worst = min(cells, key=lambda r: r.recall)
+                line += [f"{_mean(c.recall for c in cells):.3f}", f"{worst.recall:.3f} ({worst.layer})",
+                         f"{_mean(c.mass_ratio for c in cells):.4f}", f"{min(c.mass_ratio for c in cells):.4f}",
+                         f"{_mean(c.us_per_query for c in cells):.0f}"]
+            body.append(line)
+    line = ["exact scan", "-"]
+    for k in ks:
+        line += ["1", "1", "1", "1", f"{exact_us[k]:.0f}"]
+    body.append(line)
+    return rk.markdown_table(header, body)
+
+
+def layer_table(rows: list[Row], M: int, k: int) -> str:
+    """Per layer at the store's default ef for k: model queries vs held-out keys as queries."""
+    ef = max(default_ef(k), k)
+    header = ["layer", f"recall@{k}", f"recall@{k} decode steps", f"mass@{k}", f"exact top-{k} share of memory softmax",
+              f"recall@{k} held-out keys as queries"]
+    body = []
+    for layer in sorted({row.layer for row in rows}):
+        model, keys = (next(r for r in rows if (r.M, r.layer, r.k, r.ef, r.queries) == (M, layer, k, ef, kind))
+                       for kind in ("model", "held-out keys"))
+        body.append([layer, f"{model.recall:.3f}", f"{model.recall_decode:.3f}", f"{model.mass_ratio:.4f}",
+                     f"{model.exact_mass:.3f}", f"{keys.recall:.3f}"])
+    return f"M={M}, k={k}, ef={ef} (the store's default for k={k}):\n\n" + rk.markdown_table(header, body)
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def plot(rows: list[Row], ks: list[int], path: Path) -> None:
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for M in sorted({row.M for row in rows}):
+        for k in ks:
+            model = [r for r in rows if r.M == M and r.k == k and r.queries == "model"]
+            efs = sorted({r.ef for r in model})
+            for axis, field in ((left, "recall"), (right, "mass_ratio")):
+                means = [_mean(getattr(r, field) for r in model if r.ef == ef) for ef in efs]
+                worst = [min(getattr(r, field) for r in model if r.ef == ef) for ef in efs]
+                line, = axis.plot(efs, means, marker="o", label=f"M={M} k={k} mean over layers")
+                axis.plot(efs, worst, linestyle="--", color=line.get_color(), label=f"M={M} k={k} worst layer")
+    left.axhline(0.95, color="grey", linewidth=0.8)
+    left.set(xscale="log", xlabel="ef", ylabel="recall@k vs exact top-k", title="HNSW recall, real SmolLM2 queries")
+    right.set(xscale="log", xlabel="ef", ylabel="softmax mass captured / exact top-k's", title="Captured attention mass")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    args = parse_args()
+    config = MemoryConfig(positional_mode=args.positional_mode)
+    loaded, engine = rk.load_engine(config)
+    window = config.local_window
+    reading = rk.read_book(engine, args.tokens + window)  # the last window is held out
+    print(f"read {reading.num_tokens} tokens of {rk.BOOK.name}" +
+          (f" in {reading.seconds:.0f} s" if reading.seconds else " (cached)"))
+    queries, answers = capture_queries(engine, reading, args.tokens, args.positions, args.new_tokens)
+    print("answers with exact memory:", *answers, sep="\n  ")
+    rows: list[Row] = []
+    exact_us: dict[int, float] = {}
+    fingerprint = rk.fingerprint(loaded, config, args.layers)
+    q_heads = queries[args.layers[0]].queries.shape[0]
+    for M in args.index_m:
+        built = rk.build_store(rk.STORES / f"recall-{args.tokens}-M{M}", fingerprint,
+                               reading.windows(args.layers, 0, args.tokens, window), num_tokens=args.tokens,
+                               index_params=IndexParams(M=M), rebuild=args.rebuild)
+        if built.commit_seconds is not None:
+            print(f"built {built.path.name}: {len(args.layers)} layers, commit (indexes) {built.commit_seconds:.0f} s")
+        with MemoryStore.open(built.path, readonly=True) as store:
+            for layer in args.layers:
+                keys = reading.keys[layer][:, : args.tokens].float()
+                held_out = held_out_keys(reading, layer, args.tokens, q_heads)
+                rows += evaluate_layer(store, M, layer, queries[layer], held_out, keys, args.efs, args.ks)
+            for k in args.ks:
+                exact_us[k] = _mean(exact_scan_us(store, layer, queries[layer].queries, k) for layer in args.layers)
+    count = queries[args.layers[0]].queries.shape[1]
+    print(f"\n{args.tokens} real tokens in memory; {count} query positions x {q_heads} heads per layer "
+          f"({int(queries[args.layers[0]].decode.sum())} decode steps); layers {args.layers}; "
+          f"mode {args.positional_mode}\n")
+    print(summary_table(rows, args.ks, args.efs, exact_us))
+    for M in args.index_m:
+        for k in args.ks:
+            print("\n" + layer_table(rows, M, k))
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(rows, args.ks, args.out / "store_recall.png")
+    (args.out / "store_recall.json").write_text(json.dumps([asdict(row) for row in rows], indent=1))
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()

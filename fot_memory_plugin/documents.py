@@ -1,0 +1,303 @@
+"""Persistent document memories: read a document once into a store, answer from disk in any process.
+
+`DocumentMemory` joins the engine (reading, generation) and the store (`persistence/`): reading
+streams each window's keys and values into a `DocumentWriter` together with the text chunks that
+map token spans to character spans; asking builds one `PersistentMemory` per memory layer over
+the chosen documents and reports, as sources, the chunks whose memory tokens drew the most
+attention while the answer was generated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import platformdirs
+import torch
+
+from .config import MemoryConfig
+from .engine import MemoryEngine
+from .errors import DocumentInputError, NoDocumentsError, QuestionTooLongError
+from .models import load_model, model_fingerprint
+from .persistence import Chunk, DocumentRecord, MemoryStore, StoreNotFoundError
+
+__all__ = ["DocumentMemory", "Answer", "Source", "default_store_dir", "load_text", "STORE_ENV"]
+
+logger = logging.getLogger(__name__)
+
+STORE_ENV = "FOT_MEMORY_STORE"  # overrides default_store_dir()
+CHUNK_TOKENS = 64  # tokens per cited passage: a sentence or two of prose
+# Stores keep float16 keys and values and search with hnswlib; reading still retrieves exactly
+# from the document's own earlier windows (in RAM).
+STORE_DEFAULTS = MemoryConfig(mem_dtype="float16", retrieval="hnsw")
+# Fields that change the keys and values a read produces: a store refuses to mix them.
+_READING_FIELDS = ("mem_layers", "local_window", "top_k", "positional_mode", "fixed_position", "mem_dtype")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A passage that drew memory attention while answering."""
+
+    doc: str  # document name
+    doc_id: str
+    text: str
+    start_char: int
+    end_char: int
+    weight: float  # share of all attention paid to memory, summed over layers, heads and steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    sources: list[Source]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"answer": self.text, "sources": [source.to_dict() for source in self.sources]}
+
+
+def default_store_dir() -> Path:
+    """$FOT_MEMORY_STORE, else a directory under the user's data directory."""
+    configured = os.environ.get(STORE_ENV)
+    return Path(configured).expanduser() if configured else Path(platformdirs.user_data_dir("fot-memory")) / "store"
+
+
+def load_text(path: str | os.PathLike[str]) -> str:
+    """A document's text: UTF-8, not empty, not binary; else DocumentInputError saying why."""
+    path = Path(path)
+    if not path.is_file():
+        raise DocumentInputError(f"{path} is not a file: give the path of a plain-text or markdown file.")
+    data = path.read_bytes()
+    if b"\x00" in data[:65536]:
+        raise DocumentInputError(f"{path} looks binary (it contains NUL bytes): give a plain-text or markdown file.")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DocumentInputError(
+            f"{path} is not valid UTF-8 (byte {error.start}): convert it, e.g. `iconv -t UTF-8 {path.name}`."
+        ) from None
+    if not text.strip():
+        raise DocumentInputError(f"{path} is empty: there is nothing to read.")
+    return text
+
+
+class DocumentMemory:
+    """A store of documents read by one model under one memory config, and the engine over it."""
+
+    def __init__(self, store: MemoryStore, engine: MemoryEngine) -> None:
+        self.store = store
+        self.engine = engine
+        self._chunk_cache: dict[str, tuple[list[Chunk], np.ndarray]] = {}
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        model: str | None = None,
+        config: MemoryConfig | None = None,
+        device: str | None = None,
+        readonly: bool = False,
+    ) -> DocumentMemory:
+        """Open (or create) a store. An existing store remembers its model and memory config, so
+        neither is needed; given ones that differ from what it recorded are refused."""
+        path = Path(path) if path is not None else default_store_dir()
+        recorded = _recorded_fingerprint(path)
+        load_as = model or (recorded or {}).get("load_as", "smollm2")
+        if config is None:
+            config = STORE_DEFAULTS.replace(**_as_config_fields(recorded["memory_config"])) if recorded else STORE_DEFAULTS
+        loaded = load_model(load_as, device=device)
+        engine = MemoryEngine(loaded.model, loaded.tokenizer, config)
+        fingerprint = {
+            "load_as": load_as,
+            "model": model_fingerprint(loaded.model, loaded.model_id),
+            "memory_config": {name: config.to_dict()[name] for name in _READING_FIELDS}
+            | {"mem_layers": list(engine.layers)},
+        }
+        try:
+            store = MemoryStore.open(path, fingerprint=fingerprint, readonly=readonly)
+        except BaseException:
+            engine.close()
+            raise
+        return cls(store, engine)
+
+    def close(self) -> None:
+        self.engine.close()
+        self.store.close()
+
+    def __enter__(self) -> DocumentMemory:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def read_file(self, path: str | os.PathLike[str], *, name: str | None = None, **options: Any) -> tuple[DocumentRecord, bool]:
+        """Read a text or markdown file; see read_text. The name defaults to the file name."""
+        path = Path(path)
+        return self.read_text(load_text(path), name=name or path.name, source_path=path.resolve(), **options)
+
+    def read_text(
+        self,
+        text: str,
+        *,
+        name: str,
+        source_path: str | os.PathLike[str] | None = None,
+        force: bool = False,
+        progress: bool = False,
+        metadata: dict[str, Any] | None = None,
+    ) -> tuple[DocumentRecord, bool]:
+        """Read text into the store; returns (record, whether it was read now).
+
+        Text already stored (same sha256; the store's model and config are fixed) is not read
+        again unless force=True, which also replaces a document of the same name atomically.
+        """
+        if not text.strip():
+            raise DocumentInputError(f"Document {name!r} is empty: there is nothing to read.")
+        sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        existing = self.store.find_by_sha256(sha256)
+        if existing is not None and not force:
+            logger.info("%s is already stored as %s (%s); use force to read it again", name, existing.name, existing.id)
+            return existing, False
+        encoding = self.engine.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+        ids = torch.tensor([encoding["input_ids"]], dtype=torch.long)
+        dtype = self.engine.config.mem_dtype
+        with self.store.begin_document(
+            name, source_path=source_path, sha256=sha256, text_length=len(text),
+            metadata=metadata, dtype=dtype, force=force,
+        ) as writer:
+            writer.add_chunks(_chunks(text, encoding["offset_mapping"]))
+
+            def to_store(start: int, end: int, captured: dict) -> None:
+                for layer, (keys, values) in captured.items():
+                    writer.append(layer, keys[0], values[0])  # (Hkv, T, D)
+
+            self.engine.reset()
+            try:
+                self.engine.read(ids, progress=progress, on_window=to_store)
+            finally:
+                self.engine.reset()
+        return writer.record, True
+
+    # -- asking ---------------------------------------------------------------------------------
+
+    def ask(
+        self,
+        question: str,
+        *,
+        docs: Sequence[str] | None = None,
+        max_new_tokens: int = 64,
+        chat: bool = True,
+        on_text: Callable[[str], None] | None = None,
+        num_sources: int = 3,
+        **generate_options: Any,
+    ) -> Answer:
+        """Answer from the documents named in `docs` (ids or names; None: all), with sources."""
+        records = [self.store.document(doc) for doc in docs] if docs else self.store.documents()
+        if not records:
+            raise NoDocumentsError(f"The store at {self.store.path} holds no documents: read one first.")
+        prompt = self.engine.chat_prompt(question) if chat else self.engine.encode(question)
+        if prompt.shape[1] > self.engine.config.context_length:
+            raise QuestionTooLongError(
+                f"The question is {prompt.shape[1]} tokens; at most {self.engine.config.context_length} fit "
+                "the local context. Read long material as a document and ask a short question."
+            )
+        exact = self.engine.config.retrieval == "exact"
+        memories = {layer: self.store.memory(layer, [r.id for r in records], exact=exact) for layer in self.engine.layers}
+        attention = torch.zeros(len(next(iter(memories.values()))), dtype=torch.float64)
+
+        def record(layer: int, token_ids: torch.Tensor, weights: torch.Tensor) -> None:
+            found = token_ids >= 0
+            attention.index_add_(0, token_ids[found].cpu(), weights[found].double().cpu())
+
+        self.engine.reset(memories)
+        try:
+            with self.engine.router.recording(record):
+                text = self._generate(prompt, max_new_tokens, on_text, generate_options)
+        finally:
+            self.engine.reset()
+        return Answer(text, self._sources(memories, records, attention, num_sources))
+
+    def _generate(self, prompt: torch.Tensor, max_new_tokens: int, on_text: Callable[[str], None] | None, options: dict) -> str:
+        if on_text is None:
+            new_ids = self.engine.generate(prompt, max_new_tokens=max_new_tokens, **options)
+            return self.engine.tokenizer.decode(new_ids[0], skip_special_tokens=True).strip()
+        pieces = []
+        for piece in self.engine.stream(prompt, max_new_tokens=max_new_tokens, **options):
+            on_text(piece)
+            pieces.append(piece)
+        return "".join(pieces).strip()
+
+    def _sources(self, memories: dict, records: list[DocumentRecord], attention: torch.Tensor, count: int) -> list[Source]:
+        """The `count` chunks with the most memory attention, heaviest first."""
+        total = float(attention.sum())
+        if total <= 0 or count <= 0:
+            return []
+        memory = next(iter(memories.values()))
+        by_id = {record.id: record for record in records}
+        scored: list[tuple[float, str, Chunk]] = []
+        for position, doc_id in enumerate(memory.doc_ids):
+            start, end = int(memory.offsets[position]), int(memory.offsets[position + 1])
+            chunks, starts = self._chunks_of(doc_id)
+            owner = np.searchsorted(starts, np.arange(end - start), side="right") - 1
+            per_chunk = np.bincount(owner, weights=attention[start:end].numpy(), minlength=len(chunks))
+            for index in np.argsort(per_chunk)[::-1][:count]:
+                scored.append((per_chunk[index] / total, doc_id, chunks[index]))
+        scored.sort(key=lambda item: item[0], reverse=True)
+        return [
+            Source(by_id[doc_id].name, doc_id, chunk.text, chunk.start_char, chunk.end_char, round(weight, 6))
+            for weight, doc_id, chunk in scored[:count]
+            if weight > 0
+        ]
+
+    def _chunks_of(self, doc_id: str) -> tuple[list[Chunk], np.ndarray]:
+        if doc_id not in self._chunk_cache:
+            chunks = self.store.chunks(doc_id)
+            self._chunk_cache[doc_id] = (chunks, np.array([chunk.start_token for chunk in chunks], dtype=np.int64))
+        return self._chunk_cache[doc_id]
+
+    # -- managing -------------------------------------------------------------------------------
+
+    def documents(self) -> list[DocumentRecord]:
+        return self.store.documents()
+
+    def forget(self, id_or_name: str) -> DocumentRecord:
+        self._chunk_cache.clear()
+        return self.store.forget(id_or_name)
+
+    def info(self) -> dict[str, Any]:
+        return self.store.info()
+
+
+def _recorded_fingerprint(path: Path) -> dict[str, Any] | None:
+    """What an existing store recorded (None for a new or empty store)."""
+    try:
+        with MemoryStore.open(path, create=False, readonly=True) as store:
+            return store.fingerprint
+    except StoreNotFoundError:
+        return None
+
+
+def _as_config_fields(recorded: dict[str, Any]) -> dict[str, Any]:
+    fields = dict(recorded)
+    if fields.get("mem_layers") is not None:
+        fields["mem_layers"] = tuple(fields["mem_layers"])
+    return fields
+
+
+def _chunks(text: str, offsets: Sequence[tuple[int, int]]) -> list[tuple[int, int, int, int, str]]:
+    """(start_token, end_token, start_char, end_char, text) for every CHUNK_TOKENS tokens."""
+    chunks = []
+    for start in range(0, len(offsets), CHUNK_TOKENS):
+        end = min(start + CHUNK_TOKENS, len(offsets))
+        start_char, end_char = offsets[start][0], offsets[end - 1][1]
+        chunks.append((start, end, start_char, end_char, text[start_char:end_char]))
+    return chunks
