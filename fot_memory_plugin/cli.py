@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     passkey.add_argument("--trials", type=int, default=3, help="trials per length and depth")
     passkey.add_argument("--seed", type=int, default=0)
     passkey.add_argument("--no-baseline", action="store_true", help="skip the truncated-model baseline")
+    passkey.add_argument(
+        "--read-without-retrieval", action="store_true", help="read the prompt into memory without retrieval"
+    )
     passkey.add_argument("--json", action="store_true", help="print one JSON object with every result")
     passkey.add_argument("--plot", metavar="FILE.png", help="write a depth x length accuracy heatmap")
     _add_model_options(passkey)
@@ -78,6 +81,10 @@ def _store_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", help="store directory (default: $FOT_MEMORY_STORE or the user data directory)")
 
 
+def _device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="where the model runs: cpu (default), cuda, ...")
+
+
 def _add_store_commands(commands: argparse._SubParsersAction) -> None:
     read = commands.add_parser("read", help="read documents into the store (once; the store keeps them)")
     read.add_argument("paths", nargs="+", metavar="PATH", help="plain-text or markdown files")
@@ -88,6 +95,7 @@ def _add_store_commands(commands: argparse._SubParsersAction) -> None:
     read.add_argument("--model", help="model for a NEW store: 'smollm2' (default) or a local model path")
     read.add_argument("--mem-layers", help="memory layers for a new store: all (default) | 0,5,10 | 0-14")
     read.add_argument("--local-window", type=int, help="reading window for a new store (default 512)")
+    _device_option(read)
     read.set_defaults(handler=_read)
 
     ask = commands.add_parser("ask", help="answer a question from stored documents, with sources")
@@ -99,6 +107,7 @@ def _add_store_commands(commands: argparse._SubParsersAction) -> None:
     ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     ask.add_argument("--sources", type=int, default=3, help="passages to cite")
     ask.add_argument("--json", action="store_true", help='print {"answer": ..., "sources": [...]}')
+    _device_option(ask)
     ask.set_defaults(handler=_ask)
 
     docs = commands.add_parser("docs", help="list stored documents")
@@ -128,7 +137,9 @@ def _open_documents(args: argparse.Namespace, readonly: bool = False, with_model
         config = STORE_DEFAULTS.replace(
             mem_layers=layers, local_window=args.local_window or STORE_DEFAULTS.local_window
         )
-    return DocumentMemory.open(args.store, model=getattr(args, "model", None), config=config, readonly=readonly)
+    return DocumentMemory.open(
+        args.store, model=getattr(args, "model", None), config=config, device=args.device, readonly=readonly
+    )
 
 
 def _record_dict(record) -> dict:
@@ -224,7 +235,11 @@ def _eval_passkey(args: argparse.Namespace) -> int:
 
     engine = _engine(args)
     results = []
-    for result in run_passkey(engine, args.lengths, args.depths, args.trials, seed=args.seed, baseline=not args.no_baseline):
+    runs = run_passkey(
+        engine, args.lengths, args.depths, args.trials, seed=args.seed, baseline=not args.no_baseline,
+        read_retrieval=not args.read_without_retrieval,
+    )
+    for result in runs:
         results.append(result)
         if not args.json:
             kind = "memory   " if result.memory else "truncated"

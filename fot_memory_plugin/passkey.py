@@ -71,10 +71,15 @@ def is_correct(answer: str, passkey: int) -> bool:
     return match is not None and int(match.group(1)) == passkey
 
 
-def _answer(engine: MemoryEngine, prompt_ids: torch.Tensor, memory: bool, max_new_tokens: int) -> str:
+def _answer(
+    engine: MemoryEngine, prompt_ids: torch.Tensor, memory: bool, max_new_tokens: int, read_retrieval: bool = True
+) -> str:
     if memory:
         engine.reset()
-        new_ids = engine.generate(prompt_ids, max_new_tokens=max_new_tokens)
+        keep = engine.config.context_length
+        if prompt_ids.shape[1] > keep:  # the prompt's head goes to memory, as generate() would do
+            engine.read(prompt_ids[:, :-keep], retrieve=read_retrieval)
+        new_ids = engine.generate(prompt_ids[:, -keep:], max_new_tokens=max_new_tokens)
     else:
         with engine.detached() as model:
             tail = prompt_ids[:, -engine.config.local_window :].to(engine.device)
@@ -102,8 +107,12 @@ def run_passkey(
     seed: int = 0,
     baseline: bool = True,
     max_new_tokens: int = 8,
+    read_retrieval: bool = True,
 ) -> Iterator[PasskeyResult]:
-    """Yield one result per (length, depth, trial) for memory, and for the truncated baseline."""
+    """Yield one result per (length, depth, trial) for memory, and for the truncated baseline.
+
+    read_retrieval=False reads the prompt into memory without retrieval (faster, and worse).
+    """
     rng = random.Random(seed)
     for length in lengths:
         for depth in depths:
@@ -112,7 +121,7 @@ def run_passkey(
                 prompt = prompt_of_length(engine.tokenizer, length, depth, passkey)
                 ids = engine.encode(prompt)
                 for memory in (True, False) if baseline else (True,):
-                    answer = _answer(engine, ids, memory, max_new_tokens)
+                    answer = _answer(engine, ids, memory, max_new_tokens, read_retrieval)
                     result = PasskeyResult(ids.shape[1], depth, trial, memory, is_correct(answer, passkey), answer)
                     logger.info("passkey %s: %s", passkey, result)
                     yield result
