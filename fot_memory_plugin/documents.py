@@ -237,11 +237,21 @@ class DocumentMemory:
         return "".join(pieces).strip()
 
     def _sources(self, memories: dict, records: list[DocumentRecord], attention: torch.Tensor, count: int) -> list[Source]:
-        """The `count` chunks with the most memory attention, heaviest first."""
+        """The `count` chunks with the most memory attention, heaviest first.
+
+        The first token of every reading window is left out: it is an attention sink (it saw
+        no context when read, and soaks up attention whatever the question; the document's
+        very first token alone drew 25% of all memory attention on Pride and Prejudice), so
+        it says nothing about where an answer came from. Weights are shares of the rest.
+        """
+        memory = next(iter(memories.values()))
+        attention = attention.clone()
+        for position in range(len(memory.doc_ids)):
+            start, end = int(memory.offsets[position]), int(memory.offsets[position + 1])
+            attention[start:end:self.engine.config.local_window] = 0
         total = float(attention.sum())
         if total <= 0 or count <= 0:
             return []
-        memory = next(iter(memories.values()))
         by_id = {record.id: record for record in records}
         scored: list[tuple[float, str, Chunk]] = []
         for position, doc_id in enumerate(memory.doc_ids):
