@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from conftest import TINY_VOCAB, tiny_llama
 from fot_memory_plugin import MemoryConfig, MemoryEngine
@@ -135,7 +144,7 @@ def test_generate_runs_attached_and_detached(model, token_ids):
 
 @pytest.mark.parametrize(
     "model_class, config_class",
-    [(MistralForCausalLM, MistralConfig), (Qwen2ForCausalLM, Qwen2Config)],
+    [(MistralForCausalLM, MistralConfig), (Qwen2ForCausalLM, Qwen2Config), (Qwen3ForCausalLM, Qwen3Config)],
 )
 def test_other_llama_family_models(model_class, config_class, token_ids):
     torch.manual_seed(0)
