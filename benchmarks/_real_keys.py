@@ -7,6 +7,7 @@ Reading a book is the slow part on a CPU (~60-500 tokens/s, depending on what el
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from collections.abc import Iterable, Mapping
@@ -77,7 +78,8 @@ def read_book(engine: MemoryEngine, tokens: int, *, book: Path = BOOK, retrieve:
     """
     window = engine.config.local_window
     layers = engine.layers
-    tag = f"{book.stem}-{tokens}-w{window}-{'retrieve' if retrieve else 'noretrieve'}-L{len(layers)}"
+    which = "all" if engine.config.mem_layers is None else "-".join(map(str, layers))
+    tag = f"{book.stem}-{tokens}-w{window}-{'retrieve' if retrieve else 'noretrieve'}-L{which}"
     cache = OUT / "cache" / f"{tag}.pt"
     if cache.exists():
         saved = torch.load(cache)
@@ -145,6 +147,33 @@ class InstrumentedMemory:
         found = self.inner.search(queries, k)
         self.searches.append((queries.shape[2], time.perf_counter() - started))
         return found
+
+
+class FallbackCounter(logging.Handler):
+    """Counts the store's "hnswlib search failed ... falling back to exact search" warnings (and mutes them)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+        logging.getLogger("fot_memory_plugin.persistence.hnsw_index").addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
+def recall_at_k(found_scores: torch.Tensor, exact_scores: torch.Tensor) -> torch.Tensor:
+    """Per row (..., k): the share of the found keys that score at least the exact k-th best.
+
+    That is recall@k with ties counted as hits: keys of repeated tokens are identical in layer 0
+    (its keys depend on the token alone), so ids alone would call an equally good key a miss.
+    """
+    threshold = exact_scores[..., -1:]
+    return (found_scores >= threshold - 1e-5 * threshold.abs().clamp(min=1.0)).float().mean(-1)
+
+
+def hit_scores(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Inner products (B, Hq, T, k) of queries (B, Hq, T, D) with their retrieved keys (B, Hq, T, k, D)."""
+    return torch.einsum("bhtd,bhtkd->bhtk", queries, keys)
 
 
 def fingerprint(loaded: LoadedModel, config: MemoryConfig, layers: Iterable[int]) -> dict[str, Any]:

@@ -1,34 +1,36 @@
 """Generation latency with memory in the persistent store (~100k and ~1M tokens) vs no memory.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/store_latency.py
-    # = --sizes 100000 1000000 --layers 0 15 29 --layers-1m 15 --base-tokens 16896 --noise 0.1
-    #   --prompt-tokens 128 --new-tokens 16 --repeats 3 --exact-sizes 100000
+    # = --sizes 100000 1000000 --layers 0 15 29 --layers-1m 15 --efs 64 512 --base-tokens 16896
+    #   --noise 0.1 --prompt-tokens 128 --new-tokens 16 --repeats 3 --exact-sizes 100000
 
 What is real and what is not:
 - Keys and values are REAL SmolLM2-135M keys/values of the first `base-tokens` tokens of
   Persuasion (the reading store_recall.py caches), TILED to 100k / 1M tokens: copy 0 is the
   reading itself, every further copy adds gaussian noise of `noise` x the per-dimension standard
   deviation of that layer's keys (values likewise). Indexes are built with the store's defaults.
-- The stores hold only a few layers (`--layers` at 100k, `--layers-1m` at 1M): 30 layers x 3 KV
-  heads of 100k-token hnswlib indexes take ~1 h to build on 2 cores and ~3.6 GB of RAM, 1M ~10x.
+- The stores hold only a few layers (`--layers` at 100k, `--layers-1m` at 1M): 90 hnswlib
+  indexes of 100k keys (30 layers x 3 KV heads) would take ~10 min to build here and ~3.6 GB of
+  RAM to search, 1M ten times that.
 - Measured end to end: the real model generating `new-tokens` tokens greedily after a real
-  `prompt-tokens` prompt, (a) with memory in just the stored layers, and (b) with memory in ALL
-  30 layers where layer l retrieves from the stored layer nearest to l ("aliased": 30 real
-  searches of a store of that size per token, over another layer's keys for most layers).
-  Extrapolated: no-memory ms/token + 30 x the per-layer cost measured in (a).
-- Per-layer search ms: the store's search call for one decode step (9 query heads), timed inside
-  the generation of (a).
+  `prompt-tokens` prompt with memory in ALL 30 layers, where layer l retrieves from the stored
+  layer nearest to l: 30 real searches of a store of that size per token, each layer over keys
+  of the same size and kind, but for most layers another layer's keys (so their results are
+  not what that layer would retrieve; the cost is the cost of a search).
+- Search ms: the memory's search call for one decode step of one layer (9 query heads), timed
+  inside the generation. Recall: the decode-step queries of the layers that search their own
+  keys, searched again one step at a time, vs the store's exact scan of the same keys (ties count).
 Prints a markdown table; stores stay in benchmarks/out/stores/ (store_size.py measures them).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 from transformers.generation.streamers import BaseStreamer
@@ -36,7 +38,7 @@ from transformers.generation.streamers import BaseStreamer
 import _real_keys as rk
 from fot_memory_plugin import ExactMemory, MemoryConfig, MemoryEngine
 from fot_memory_plugin.memory import Memory
-from fot_memory_plugin.persistence import MemoryStore
+from fot_memory_plugin.persistence import MemoryStore, default_ef
 
 TILE_WINDOW = 4096  # tokens per writer.append: fewer, larger appends while building
 
@@ -51,6 +53,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="generations per variant (interleaved); medians")
+    parser.add_argument("--efs", type=int, nargs="+", default=[64, default_ef(MemoryConfig().top_k)],
+                        help="store search ef (default: 64 and the store's default for the default top_k)")
     parser.add_argument("--exact-sizes", type=int, nargs="*", default=[100_000], help="also exact in-RAM memory")
     parser.add_argument("--rebuild", action="store_true")
     return parser.parse_args()
@@ -128,85 +132,103 @@ class _Clock(BaseStreamer):
 @dataclass
 class Variant:
     name: str
-    tokens: int  # tokens in memory (0: none)
-    memories: Mapping[int, Memory] | None  # None: the plain model
-    stored_layers: int  # distinct memories searched per token
-    aliased: bool = False
+    memories: Mapping[int, Memory] | None  # per model layer; None: the plain model
+    reference: Mapping[int, Memory] | None = None  # exact search over the stored layers' keys, for recall
 
 
 @dataclass
 class Timing:
-    first_token_s: list[float]
-    ms_per_token: list[float]
-    search_ms: list[float]  # one decode step of one layer
+    first_token_s: list[float] = field(default_factory=list)
+    ms_per_token: list[float] = field(default_factory=list)
+    search_ms: list[float] = field(default_factory=list)  # one decode step of one layer
+    decode_queries: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # (1, Hq, 1, D) per layer
+    fallbacks: int = 0  # per-KV-head hnswlib searches that failed (the store then scanned exactly)
 
 
-def generate_once(model, tokenizer, variant: Variant, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, list[float]]:
-    """(seconds to the first token, median ms per later token, per-layer decode search ms) of one generation."""
-    memories = {layer: rk.InstrumentedMemory(memory) for layer, memory in (variant.memories or {}).items()}
-    config = MemoryConfig(mem_layers=tuple(sorted(memories)) or None)
-    engine = MemoryEngine(model, tokenizer, config, memories=memories or None)
-    clock = _Clock()
+def generate_once(model, tokenizer, variant: Variant, prompt: torch.Tensor, new_tokens: int,
+                  timing: Timing, counter: rk.FallbackCounter) -> None:
+    """Generate once, adding the time to the first token, the median ms per later token and the
+    per-layer decode search times to `timing`."""
+    keep = variant.reference or {}  # queries of the layers that search their own keys
+    memories = {layer: rk.InstrumentedMemory(memory, keep_queries=layer in keep)
+                for layer, memory in (variant.memories or {}).items()}
+    engine = MemoryEngine(model, tokenizer, MemoryConfig(mem_layers=tuple(sorted(memories)) or None),
+                          memories=memories or None)
+    clock, failed_before = _Clock(), counter.count
     try:
-        if variant.memories is None:
-            with engine.detached():
-                engine.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=clock)
-        else:
+        with engine.detached() if variant.memories is None else contextlib.nullcontext():
             engine.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=clock)
     finally:
         engine.close()
-    gaps = [1e3 * (b - a) for a, b in zip(clock.times[1:], clock.times[2:])]
-    searches = [1e3 * seconds for memory in memories.values() for length, seconds in memory.searches if length == 1]
-    return clock.times[1] - clock.times[0], statistics.median(gaps), searches
+    gaps = [1e3 * (later - earlier) for earlier, later in zip(clock.times[1:], clock.times[2:])]
+    timing.first_token_s.append(clock.times[1] - clock.times[0])
+    timing.ms_per_token.append(statistics.median(gaps))
+    timing.fallbacks += counter.count - failed_before
+    for layer, memory in memories.items():
+        timing.search_ms += [1e3 * seconds for length, seconds in memory.searches if length == 1]
+        timing.decode_queries.setdefault(layer, []).extend(q for q in memory.queries if q.shape[2] == 1)
 
 
-def measure(model, tokenizer, variants: list[Variant], prompt: torch.Tensor, args: argparse.Namespace) -> dict[str, Timing]:
+def measure(model, tokenizer, variants: list[Variant], prompt: torch.Tensor, args: argparse.Namespace,
+            counter: rk.FallbackCounter) -> dict[str, Timing]:
     """Interleaved repeats (a slow moment of the machine hits every variant alike); medians later."""
-    timings = {variant.name: Timing([], [], []) for variant in variants}
-    generate_once(model, tokenizer, variants[0], prompt, 2)  # warm-up
+    timings = {variant.name: Timing() for variant in variants}
+    generate_once(model, tokenizer, variants[0], prompt, 2, Timing(), counter)  # warm-up
     for _ in range(args.repeats):
         for variant in variants:
-            first, per_token, searches = generate_once(model, tokenizer, variant, prompt, args.new_tokens)
-            timing = timings[variant.name]
-            timing.first_token_s.append(first)
-            timing.ms_per_token.append(per_token)
-            timing.search_ms.extend(searches)
+            generate_once(model, tokenizer, variant, prompt, args.new_tokens, timings[variant.name], counter)
     return timings
+
+
+def recall_in_situ(variant: Variant, timing: Timing, k: int) -> float | None:
+    """Recall@k of the searches made while decoding, against exact search over the same keys."""
+    if variant.reference is None or not timing.decode_queries:
+        return None
+    recalls = []
+    for layer, queries in timing.decode_queries.items():
+        batch = torch.cat(queries, dim=2)  # (1, Hq, steps, D)
+        # One step per search, as decoding searched (a failed hnswlib search falls back per call).
+        hits = [variant.memories[layer].search(query, k).keys for query in queries]
+        found = rk.hit_scores(batch, torch.cat(hits, dim=2))
+        exact = rk.hit_scores(batch, variant.reference[layer].search(batch, k).keys)
+        recalls.append(rk.recall_at_k(found, exact).mean().item())
+    return statistics.mean(recalls)
 
 
 # ---- variants and the table -----------------------------------------------------------------
 
 
 def aliased(memories: Mapping[int, Memory], num_layers: int) -> dict[int, Memory]:
-    """Every layer retrieves from the stored layer nearest to it."""
+    """Every model layer retrieves from the stored layer nearest to it (a stored layer from its own keys)."""
     stored = sorted(memories)
     return {layer: memories[min(stored, key=lambda s: abs(s - layer))] for layer in range(num_layers)}
 
 
-def variants_for(size: int, kind: str, memories: dict[int, Memory], num_layers: int) -> list[Variant]:
-    label = f"{size // 1000}k" if size < 1_000_000 else f"{size / 1e6:g}M"
-    return [Variant(f"{kind} {label}, {len(memories)} layers", size, memories, len(memories)),
-            Variant(f"{kind} {label}, all {num_layers} layers (aliased)", size, aliased(memories, num_layers),
-                    len(memories), aliased=True)]
+def size_label(size: int) -> str:
+    return f"{size // 1000}k" if size < 1_000_000 else f"{size / 1e6:g}M"
 
 
-def table(variants: list[Variant], timings: dict[str, Timing], num_layers: int) -> str:
+def store_variants(store: MemoryStore, size: int, layers: list[int], efs: list[int], num_layers: int) -> list[Variant]:
+    """The store's HNSW search (exact=False) in every layer, at each ef."""
+    reference = {layer: store.memory(layer, exact=True) for layer in layers}
+    default = default_ef(MemoryConfig().top_k)
+    return [Variant(f"store HNSW {size_label(size)}, ef={ef}" + (" (store default)" if ef == default else ""),
+                    aliased({layer: store.memory(layer, ef=ef) for layer in layers}, num_layers), reference)
+            for ef in efs]
+
+
+def table(variants: list[Variant], timings: dict[str, Timing], k: int) -> str:
     base = statistics.median(timings["no memory"].ms_per_token)
-    header = ["variant", "memory layers", "first token s", "ms/token", "x no memory",
-              "search ms / layer / token", f"ms/token extrapolated to {num_layers} layers", "x no memory"]
+    header = ["variant", "ms/token", "x no memory", "first token s", "search ms / layer / token",
+              f"recall@{k} of decode searches (stored layers)", "hnswlib fallbacks"]
     rows = []
     for variant in variants:
         timing = timings[variant.name]
         ms = statistics.median(timing.ms_per_token)
-        layers = len(variant.memories or {})
-        search = f"{statistics.median(timing.search_ms):.2f}" if timing.search_ms else "-"
-        if variant.memories and not variant.aliased:
-            projected = base + num_layers * (ms - base) / layers
-            extrapolated = [f"{projected:.0f}", f"{projected / base:.2f}"]
-        else:
-            extrapolated = ["-", "-"]
-        rows.append([variant.name, layers or "-", f"{statistics.median(timing.first_token_s):.2f}",
-                     f"{ms:.1f}", f"{ms / base:.2f}", search, *extrapolated])
+        recall = recall_in_situ(variant, timing, k)
+        rows.append([variant.name, f"{ms:.1f}", f"{ms / base:.2f}", f"{statistics.median(timing.first_token_s):.2f}",
+                     f"{statistics.median(timing.search_ms):.2f}" if timing.search_ms else "-",
+                     "-" if recall is None else f"{recall:.3f}", timing.fallbacks if variant.memories else "-"])
     return rk.markdown_table(header, rows)
 
 
@@ -216,25 +238,25 @@ def main() -> None:
     loaded, engine = rk.load_engine(config)
     num_layers = len(engine.layers)
     reading = rk.read_book(engine, args.base_tokens)
-    ids = rk.book_ids(engine)
-    prompt = rk.prompts(engine, ids, after=reading.num_tokens, length=args.prompt_tokens)[1][1]
+    prompt = rk.prompts(engine, rk.book_ids(engine), after=reading.num_tokens, length=args.prompt_tokens)[1][1]
     engine.close()
-    variants = [Variant("no memory", 0, None, 0)]
+    counter = rk.FallbackCounter()
+    variants = [Variant("no memory", None)]
     stores = []
     for size in args.sizes:
         layers = args.layers_1m if size >= 1_000_000 else args.layers
-        built = build_tiled(args, loaded, config, reading, size, layers)
-        store = MemoryStore.open(built.path, readonly=True)
+        store = MemoryStore.open(build_tiled(args, loaded, config, reading, size, layers).path, readonly=True)
         stores.append(store)
         if size in args.exact_sizes:
-            variants += variants_for(size, "exact in-RAM", exact_memories(args, reading, size, layers), num_layers)
-        hnsw = {layer: store.memory(layer) for layer in layers}  # exact=False: hnswlib, default ef
-        variants += variants_for(size, "store HNSW", hnsw, num_layers)
-    timings = measure(loaded.model, loaded.tokenizer, variants, prompt, args)
+            exact = aliased(exact_memories(args, reading, size, layers), num_layers)
+            variants.append(Variant(f"exact in-RAM {size_label(size)}", exact))
+        variants += store_variants(store, size, layers, args.efs, num_layers)
+    timings = measure(loaded.model, loaded.tokenizer, variants, prompt, args, counter)
     print(f"\nSmolLM2-135M float32, {torch.get_num_threads()} threads; prompt {prompt.shape[1]} tokens, "
-          f"{args.new_tokens} new tokens greedy, top_k 32 (store ef = 64), median of {args.repeats}; memory: "
-          f"{args.base_tokens} real tokens tiled with noise {args.noise:g}\n")
-    print(table(variants, timings, num_layers))
+          f"{args.new_tokens} new tokens greedy, top_k {config.top_k}, memory in all {num_layers} layers, "
+          f"median of {args.repeats}; memory: "
+          f"{args.base_tokens} real tokens of {rk.BOOK.name} tiled, noise {args.noise:g} x std\n")
+    print(table(variants, timings, config.top_k))
     for store in stores:
         store.close()
 
