@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import threading
 from typing import Any, Callable, Iterator, Mapping
 
@@ -227,8 +228,6 @@ class _TextQueueStreamer(BaseStreamer):
     """Decodes generated tokens incrementally and hands text pieces to an iterator."""
 
     def __init__(self, tokenizer: Any) -> None:
-        import queue
-
         self.tokenizer = tokenizer
         self.queue: queue.Queue[str | None] = queue.Queue()
         self.tokens: list[int] = []
