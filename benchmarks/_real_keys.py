@@ -31,7 +31,6 @@ STORES = OUT / "stores"
 QUESTIONS = (
     "\n\nThe baronet who owns Kellynch Hall is Sir",
     "\n\nThe admiral who rents Kellynch Hall is Admiral",
-    "\n\nAnne Elliot's godmother and friend is Lady",
 )
 
 # A window's (keys, values), each (Hkv, T, D), per memory layer.
@@ -51,7 +50,7 @@ class Reading:
     def num_tokens(self) -> int:
         return int(self.ids.shape[0])
 
-    def windows(self, layers: Iterable[int], start: int, end: int, window: int) -> Iterable[dict]:
+    def windows(self, layers: Iterable[int], start: int, end: int, window: int) -> Iterable[Window]:
         """Tokens [start, end) in windows, as {layer: (keys, values) (Hkv, T, D)}."""
         for begin in range(start, end, window):
             stop = min(begin + window, end)
@@ -113,7 +112,7 @@ def prompts(engine: MemoryEngine, ids: torch.Tensor, after: int, length: int) ->
     book ending in a completion-form question about what is in memory.
     """
     found = [("continuation", ids[after : after + length][None])]
-    for number, question in enumerate(QUESTIONS[:2]):
+    for number, question in enumerate(QUESTIONS):
         question_ids = engine.encode(question)[0]
         start = after + (number + 2) * 8 * length  # well apart from each other
         passage = ids[start : start + length - question_ids.shape[0]]

@@ -1,16 +1,21 @@
 """Retrieval fidelity of the persistent store's HNSW indexes on REAL SmolLM2 keys and queries.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/store_recall.py
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/store_recall.py     # ~4 min with caches, +4 min the first time
     # = --tokens 16384 --layers 0 5 10 15 20 25 29 --efs 32 64 128 256 512 1024 2048 --ks 32 128
     #   --index-m 16 32 --positions 64 --new-tokens 16 --positional-mode zero
+    # ~100k real tokens (reads 98,816 tokens in 7 layers, ~25 min on 2 busy cores):
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/store_recall.py --tokens 98304 --query-tokens 16384 \
+        --efs 64 128 256 512 1024 2048 4096 --positions 32
 
-1. Reads the first `tokens` + one window of Persuasion with SmolLM2-135M (memory in all 30 layers,
-   no retrieval while reading; cached in benchmarks/out/cache) and writes the first `tokens` of
-   the chosen layers into a store (benchmarks/out/stores/recall-<tokens>-M<M>, float16, hnswlib).
-2. Captures the real memory queries: the model, with exact in-RAM memory over the same keys in
-   all 30 layers, answers three 512-token prompts taken from later in the book (a continuation,
-   two passages ending in a question about the memory) and generates 16 tokens greedily; every
-   query a memory layer sends to memory is recorded (prefill positions subsampled, every decode step).
+1. Reads the first `tokens` + one window of Persuasion with SmolLM2-135M (no retrieval while
+   reading; keys of all 30 layers, or of the evaluated ones when `query-tokens` < `tokens`; cached
+   in benchmarks/out/cache) and writes the first `tokens` of the evaluated layers into a store
+   (benchmarks/out/stores/recall-<tokens>-M<M>, float16, hnswlib, store defaults but M).
+2. Captures the real memory queries: the model, with exact in-RAM memory over the first
+   `query-tokens` (default `tokens`) in all 30 layers, answers three 512-token prompts taken from
+   the book after the stored text (a continuation, two passages ending in a question about the
+   memory) and generates 16 tokens greedily; every query a memory layer sends to memory is
+   recorded (prefill positions subsampled, every decode step). Cached too.
 3. Per layer, ef and k: recall@k of the store's HNSW search vs the exact top-k over the same
    stored keys, and the captured softmax mass: per query, sum over the retrieved keys of
    softmax(q.k / sqrt(D)) taken over ALL stored keys, divided by the same sum for the exact
@@ -18,7 +23,8 @@
    "fallbacks" counts per-KV-head searches where hnswlib failed ("cannot return the results in a
    contiguous 2D array") and the store scanned exactly instead. Also recall for keys of the
    held-out window used as queries (in-distribution queries, the usual optimistic benchmark).
-Prints markdown tables and writes benchmarks/out/store_recall.png and store_recall.json.
+Recall counts ties as hits (layer 0 keys depend on the token alone, so repeated tokens have
+identical keys). Prints markdown tables; writes benchmarks/out/store_recall-<tokens>-<mode>.png/.json.
 """
 
 from __future__ import annotations
@@ -280,7 +286,8 @@ def plot(rows: list[Row], ks: list[int], path: Path) -> None:
                           color=line.get_color(), label=f"M={M} k={k} held-out keys as queries")
     left.axhline(0.95, color="grey", linewidth=0.8)
     left.set(xscale="log", xlabel="ef", ylabel="recall@k vs exact top-k", title="HNSW recall, real SmolLM2 queries")
-    right.set(xscale="log", xlabel="ef", ylabel="softmax mass captured / exact top-k's", title="Captured attention mass")
+    right.set(xscale="log", xlabel="ef", ylabel="softmax mass captured / exact top-k's",
+              title="Captured attention mass")
     for axis in (left, right):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
@@ -288,7 +295,8 @@ def plot(rows: list[Row], ks: list[int], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-def readings(args: argparse.Namespace, config: MemoryConfig) -> tuple[rk.LoadedModel, dict[int, LayerQueries], rk.Reading]:
+def readings(args: argparse.Namespace, config: MemoryConfig
+             ) -> tuple[rk.LoadedModel, dict[int, LayerQueries], rk.Reading]:
     """The model's memory queries, and the reading whose keys go into the store (one window more, held out)."""
     loaded, engine = rk.load_engine(config)  # memory in all 30 layers while capturing queries
     window = config.local_window
@@ -328,7 +336,7 @@ def main() -> None:
                 keys = reading.keys[layer][:, : args.tokens].float()
                 held_out = held_out_keys(reading, layer, args.tokens, q_heads)
                 rows += evaluate_layer(store, M, layer, queries[layer], held_out, keys, args.efs, args.ks, counter)
-            for k in args.ks:
+            for k in args.ks if M == args.index_m[0] else ():  # the exact scan does not depend on M
                 exact_ms[k] = _mean(exact_scan_ms(store, layer, queries[layer].queries, k) for layer in args.layers)
     count = queries[args.layers[0]].queries.shape[1]
     print(f"\n{args.tokens} real tokens in the store; {count} query positions x {q_heads} heads per layer "
