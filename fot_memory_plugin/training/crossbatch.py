@@ -1,0 +1,88 @@
+"""FoT cross-batch attention (Tworkowski et al. 2023, section 3.2): the training-time memory layer.
+
+A training batch holds, for each of N documents, two consecutive windows of W tokens:
+
+    rows 0 .. N-1     the PREVIOUS window of documents 0 .. N-1
+    rows N .. 2N-1    the CURRENT window of the same documents, in the same order
+
+Documents are grouped d at a time (rows g*d .. g*d+d-1). In a memory layer, the current window of
+document b attends, in ONE softmax, to its own causal context plus the pre-RoPE keys of the
+previous windows of every document in its group: its own (the positive) and d-1 others (the
+negatives). Memory keys sit at position 0 (no rotation; the query keeps its local position, as
+in LongLLaMA's `zero` mode). Previous windows attend only to themselves. Everything is
+differentiable, so the loss of a current window trains the key projections of the previous
+windows: the model learns keys that stand out among distractors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..adapters import LayerAttentionCall
+
+__all__ = ["CrossBatchAttention", "cross_batch_memory", "pair_rows"]
+
+
+def pair_rows(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """Stack (N, W) previous windows over (N, W) current windows into the (2N, W) batch layout."""
+    if previous.shape != current.shape:
+        raise ValueError(f"previous {tuple(previous.shape)} and current {tuple(current.shape)} windows differ in shape.")
+    return torch.cat([previous, current], dim=0)
+
+
+def cross_batch_memory(previous: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The memory each document sees: (N, H, W, D) previous windows -> (N, H, d*W, D).
+
+    Document b's memory is the previous windows of its group, in document order, so it holds
+    its own previous window and d-1 from other documents.
+    """
+    docs, heads, window, dim = previous.shape
+    if docs % group_size:
+        raise ValueError(f"{docs} documents do not split into groups of {group_size}: make the batch a multiple of d.")
+    groups = previous.view(docs // group_size, group_size, heads, window, dim)
+    memory = groups.transpose(1, 2).reshape(docs // group_size, 1, heads, group_size * window, dim)
+    return memory.expand(-1, group_size, -1, -1, -1).reshape(docs, heads, group_size * window, dim)
+
+
+class CrossBatchAttention:
+    """The `MemoryAttentionHandler` of memory layers during FoT training.
+
+    `group_size` (the paper's d) may change between steps (a curriculum); d = 1 shows each
+    document only its own previous window.
+    """
+
+    def __init__(self, group_size: int = 1) -> None:
+        self.group_size = group_size
+
+    def __call__(self, call: LayerAttentionCall) -> torch.Tensor:
+        rows, _, length, _ = call.query.shape
+        if rows % 2:
+            raise ValueError(f"Cross-batch training needs previous and current windows stacked (2N rows), got {rows} rows.")
+        docs = rows // 2
+        previous, current = slice(0, docs), slice(docs, rows)
+        allowed = call.allowed.expand(rows, 1, length, call.keys.shape[2])
+
+        previous_output = _attend(call.query[previous], call.keys[previous], call.values[previous],
+                                  allowed[previous], call.scaling)
+        memory_keys = cross_batch_memory(call.new_keys[previous], self.group_size)  # (N, Hkv, d*W, D), position 0
+        memory_values = cross_batch_memory(call.new_values[previous], self.group_size)
+        keys = torch.cat([memory_keys, call.keys[current]], dim=2)  # (N, Hkv, d*W + S, D)
+        values = torch.cat([memory_values, call.values[current]], dim=2)
+        sees_memory = allowed.new_ones(docs, 1, length, memory_keys.shape[2])
+        current_output = _attend(call.query[current], keys, values,
+                                 torch.cat([sees_memory, allowed[current]], dim=-1), call.scaling)
+        return torch.cat([previous_output, current_output], dim=0)
+
+
+def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
+            scaling: float) -> torch.Tensor:
+    """Softmax attention (B, Hq, T, D) over (B, Hkv, S, D) keys with a bool (B, 1, T, S) mask.
+
+    Key/value heads are repeated for the query heads: the fused kernels that take a mask do not
+    all take grouped heads, and training needs the fused memory-efficient kernel.
+    """
+    repeats = query.shape[1] // keys.shape[1]
+    keys = keys.repeat_interleave(repeats, dim=1)
+    values = values.repeat_interleave(repeats, dim=1)
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, scale=scaling)
