@@ -9,12 +9,13 @@ attention while the answer was generated.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import platformdirs
@@ -201,6 +202,27 @@ class DocumentMemory:
         **generate_options: Any,
     ) -> Answer:
         """Answer from the documents named in `docs` (ids or names; None: all), with sources."""
+        records, prompt = self._records_and_prompt(question, docs, chat)
+        with self._attending(records) as (memories, attention):
+            text = self._generate(prompt, max_new_tokens, on_text, generate_options)
+        return Answer(text, self._sources(memories, records, attention, num_sources))
+
+    def find_sources(
+        self, question: str, *, docs: Sequence[str] | None = None, chat: bool = True, num_sources: int = 3
+    ) -> list[Source]:
+        """The passages that draw the most memory attention while the model reads the question.
+
+        One forward pass over the question, no answer generated: retrieval for llama-index's
+        retrievers and memory blocks. Sources are ranked as in `ask`.
+        """
+        records, prompt = self._records_and_prompt(question, docs, chat)
+        with self._attending(records) as (memories, attention), torch.no_grad():
+            self.engine.model(input_ids=prompt, attention_mask=torch.ones_like(prompt), use_cache=False)
+        return self._sources(memories, records, attention, num_sources)
+
+    def _records_and_prompt(
+        self, question: str, docs: Sequence[str] | None, chat: bool
+    ) -> tuple[list[DocumentRecord], torch.Tensor]:
         records = [self.store.document(doc) for doc in docs] if docs else self.store.documents()
         if not records:
             raise NoDocumentsError(f"The store at {self.store.path} holds no documents: read one first.")
@@ -210,6 +232,11 @@ class DocumentMemory:
                 f"The question is {prompt.shape[1]} tokens; at most {self.engine.config.context_length} fit "
                 "the local context. Read long material as a document and ask a short question."
             )
+        return records, prompt
+
+    @contextlib.contextmanager
+    def _attending(self, records: list[DocumentRecord]) -> Iterator[tuple[dict, torch.Tensor]]:
+        """Memory over `records` attached to the engine; yields (memories, attention per memory token)."""
         exact = self.engine.config.retrieval == "exact"
         memories = {layer: self.store.memory(layer, [r.id for r in records], exact=exact) for layer in self.engine.layers}
         attention = torch.zeros(len(next(iter(memories.values()))), dtype=torch.float64)
@@ -221,10 +248,9 @@ class DocumentMemory:
         self.engine.reset(memories)
         try:
             with self.engine.router.recording(record):
-                text = self._generate(prompt, max_new_tokens, on_text, generate_options)
+                yield memories, attention
         finally:
             self.engine.reset()
-        return Answer(text, self._sources(memories, records, attention, num_sources))
 
     def _generate(self, prompt: torch.Tensor, max_new_tokens: int, on_text: Callable[[str], None] | None, options: dict) -> str:
         if on_text is None:

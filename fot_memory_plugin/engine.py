@@ -160,27 +160,31 @@ class MemoryEngine:
         temperature: float = 0.7,
         top_p: float = 0.9,
         streamer: BaseStreamer | None = None,
+        plain: bool = False,
         **generate_options: Any,
     ) -> torch.Tensor:
         """New token ids (1, M) continuing prompt_ids (1, N), the memory layers retrieving from memory.
 
-        Further keyword arguments go to `model.generate` (for example min_new_tokens).
+        plain=True runs the unpatched model over the whole prompt in its context, memory unused
+        (a baseline, or an LLM asked without documents). Further keyword arguments go to
+        `model.generate` (for example min_new_tokens).
         """
-        prompt_ids = self._split_prompt(prompt_ids.to(self.device))
+        prompt_ids = prompt_ids.to(self.device) if plain else self._split_prompt(prompt_ids.to(self.device))
         options: dict[str, Any] = {"do_sample": do_sample}
         if do_sample:
             options.update(temperature=temperature, top_p=top_p)
         else:  # silence generation_config's sampling defaults under greedy decoding
             options.update(temperature=None, top_p=None, top_k=None)
-        output = self.model.generate(
-            input_ids=prompt_ids,
-            attention_mask=torch.ones_like(prompt_ids),
-            max_new_tokens=max_new_tokens,
-            pad_token_id=self._pad_token_id(),
-            streamer=streamer,
-            **options,
-            **generate_options,
-        )
+        with self.detached() if plain else contextlib.nullcontext():
+            output = self.model.generate(
+                input_ids=prompt_ids,
+                attention_mask=torch.ones_like(prompt_ids),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=self._pad_token_id(),
+                streamer=streamer,
+                **options,
+                **generate_options,
+            )
         return output[:, prompt_ids.shape[1] :]
 
     def _pad_token_id(self) -> int | None:

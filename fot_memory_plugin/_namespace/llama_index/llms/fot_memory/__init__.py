@@ -1,0 +1,11 @@
+"""llama-index's conventional import path for the FoT memory LLM: `from llama_index.llms.fot_memory import FoTMemoryLLM`.
+
+This directory is installed as the `llama_index.llms.fot_memory` package (pyproject's
+package-dir); `llama_index/` and `llama_index/llms/` stay PEP 420 namespace packages with no
+`__init__.py`, so llama-index-core and every other `llama_index.*` package keep working.
+"""
+
+from fot_memory_plugin.index import FoTMemoryIndex
+from fot_memory_plugin.llm import FoTMemoryLLM
+
+__all__ = ["FoTMemoryLLM", "FoTMemoryIndex"]

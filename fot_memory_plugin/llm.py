@@ -1,0 +1,256 @@
+"""`FoTMemoryLLM`: a llama-index LLM whose memory layers attend to documents in a FoT store.
+
+Completion prompts are answered by `DocumentMemory.ask` over the chosen documents (every
+document in the store unless `memory_docs` says otherwise); chat messages go through the
+tokenizer's chat template first. With no documents to attend to (`memory_docs=[]`, or an
+empty store) it is the plain model, whole prompt in context, so it can also serve prompts
+that llama-index builds itself (agents, RAG synthesis). Each response carries the passages
+that drew the most memory attention in `additional_kwargs["sources"]`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+from llama_index.core.base.llms.generic_utils import messages_to_prompt as generic_messages_to_prompt
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    CompletionResponse,
+    CompletionResponseGen,
+    LLMMetadata,
+)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.callbacks import CallbackManager
+from llama_index.core.llms.callbacks import llm_completion_callback
+from llama_index.core.llms.custom import CustomLLM
+from llama_index.core.types import PydanticProgramMode
+
+from .documents import Answer, DocumentMemory
+
+__all__ = ["FoTMemoryLLM"]
+
+logger = logging.getLogger(__name__)
+
+# Keyword arguments of complete()/chat() that are ours; the rest go to model.generate.
+_CALL_OPTIONS = ("memory_docs", "max_new_tokens", "num_sources")
+
+
+class FoTMemoryLLM(CustomLLM):
+    """A Hugging Face causal LM with FoT memory over documents read into a store.
+
+    Example:
+        ```python
+        from llama_index.core import Settings
+        from llama_index.llms.fot_memory import FoTMemoryLLM
+
+        llm = FoTMemoryLLM("~/fot-store", memory_docs=["pride_and_prejudice_ch1-4.txt"], max_new_tokens=8)
+        print(llm.complete("Netherfield Park is let at last, to a young man named Mr."))
+        print(llm.complete("...", memory_docs=["emma.txt"]).additional_kwargs["sources"])
+        Settings.llm = llm
+        ```
+    """
+
+    store_path: str = Field(description="Directory of the FoT memory store the documents were read into.")
+    model_name: str = Field(description="The model's id, as the store recorded it.")
+    memory_docs: Optional[List[str]] = Field(
+        default=None,
+        description="Documents (names or ids) the memory layers attend to: None means every document "
+        "in the store, [] none (the plain model). A call's memory_docs keyword overrides it.",
+    )
+    max_new_tokens: int = Field(default=64, gt=0, description="The most tokens generated per call.")
+    num_sources: int = Field(default=3, ge=0, description="Source passages reported per answer.")
+    generate_kwargs: Dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments for generation: do_sample, temperature, top_p, min_new_tokens, ...",
+    )
+
+    _memory: DocumentMemory = PrivateAttr()
+    _owns_memory: bool = PrivateAttr(default=False)
+
+    def __init__(
+        self,
+        store_path: str | os.PathLike[str] | None = None,
+        *,
+        memory_docs: Sequence[str] | None = None,
+        model: str | None = None,
+        device: str | None = None,
+        readonly: bool = False,
+        document_memory: DocumentMemory | None = None,
+        max_new_tokens: int = 64,
+        num_sources: int = 3,
+        generate_kwargs: Dict[str, Any] | None = None,
+        callback_manager: CallbackManager | None = None,
+        system_prompt: str | None = None,
+        messages_to_prompt: Callable[[Sequence[ChatMessage]], str] | None = None,
+        completion_to_prompt: Callable[[str], str] | None = None,
+        pydantic_program_mode: PydanticProgramMode = PydanticProgramMode.DEFAULT,
+    ) -> None:
+        """Open the store at `store_path` (default: `default_store_dir()`) with the model it
+        recorded (`model` for a new store), or share an open `document_memory`."""
+        owns = document_memory is None
+        if document_memory is None:
+            document_memory = DocumentMemory.open(store_path, model=model, device=device, readonly=readonly)
+        fingerprint = document_memory.store.fingerprint or {}
+        super().__init__(
+            store_path=str(document_memory.store.path),
+            model_name=(fingerprint.get("model") or {}).get("model_id") or str(model or "smollm2"),
+            memory_docs=None if memory_docs is None else list(memory_docs),
+            max_new_tokens=max_new_tokens,
+            num_sources=num_sources,
+            generate_kwargs=dict(generate_kwargs or {}),
+            callback_manager=callback_manager or CallbackManager([]),
+            system_prompt=system_prompt,
+            messages_to_prompt=messages_to_prompt or self._chat_template,
+            completion_to_prompt=completion_to_prompt,
+            pydantic_program_mode=pydantic_program_mode,
+        )
+        self._memory = document_memory
+        self._owns_memory = owns
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "FoTMemoryLLM"
+
+    # -- the objects underneath -----------------------------------------------------------------
+
+    @property
+    def memory(self) -> DocumentMemory:
+        return self._memory
+
+    @property
+    def model(self) -> Any:
+        return self._memory.engine.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._memory.engine.tokenizer
+
+    @property
+    def store(self) -> Any:
+        return self._memory.store
+
+    def close(self) -> None:
+        """Close the store and detach memory, if this LLM opened them."""
+        if self._owns_memory:
+            self._memory.close()
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        """context_window: prompt tokens kept in the local context when answering from memory
+        (the memory config's `context_length`), the model's positions when no documents are chosen."""
+        plain = self._documents(self.memory_docs) is None
+        engine = self._memory.engine
+        positions = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        window = positions if plain and positions else engine.config.context_length
+        return LLMMetadata(
+            context_window=int(window),
+            num_output=self.max_new_tokens,
+            is_chat_model=False,
+            is_function_calling_model=False,
+            model_name=self.model_name,
+        )
+
+    # -- llama-index's LLM interface --------------------------------------------------------------
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        text, docs, max_new_tokens, num_sources, options = self._prepare(prompt, formatted, kwargs)
+        if docs is None:
+            new_ids = self._memory.engine.generate(
+                self._memory.engine.encode(text), max_new_tokens=max_new_tokens, plain=True, **options
+            )
+            answer = Answer(self.tokenizer.decode(new_ids[0], skip_special_tokens=True).strip(), [])
+        else:
+            answer = self._memory.ask(
+                text, docs=docs, chat=False, max_new_tokens=max_new_tokens, num_sources=num_sources, **options
+            )
+        return _response(answer.text, answer)
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        text, docs, max_new_tokens, num_sources, options = self._prepare(prompt, formatted, kwargs)
+        engine = self._memory.engine
+
+        def plain() -> Iterator[str | Answer]:
+            yield from engine.stream(engine.encode(text), max_new_tokens=max_new_tokens, plain=True, **options)
+
+        def from_memory() -> Iterator[str | Answer]:
+            yield from _in_thread(
+                lambda on_text: self._memory.ask(
+                    text, docs=docs, chat=False, max_new_tokens=max_new_tokens,
+                    num_sources=num_sources, on_text=on_text, **options,
+                )
+            )
+
+        def responses() -> CompletionResponseGen:
+            content = ""
+            for item in plain() if docs is None else from_memory():
+                if isinstance(item, Answer):  # the last item: the finished answer with its sources
+                    yield _response(content, item, delta="")
+                    return
+                content += item
+                yield CompletionResponse(text=content, delta=item)
+            yield _response(content, Answer(content.strip(), []), delta="")
+
+        return responses()
+
+    # chat() and stream_chat() come from CustomLLM: messages_to_prompt (the tokenizer's chat
+    # template unless given) and then complete(formatted=True), inside llama-index's callbacks.
+
+    def _chat_template(self, messages: Sequence[ChatMessage]) -> str:
+        """The prompt for chat messages in the tokenizer's chat template, ready for the reply."""
+        tokenizer = self.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            return generic_messages_to_prompt(messages)
+        turns = [{"role": message.role.value, "content": message.content or ""} for message in messages]
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+
+    def _prepare(
+        self, prompt: str, formatted: bool, kwargs: dict[str, Any]
+    ) -> tuple[str, list[str] | None, int, int, dict[str, Any]]:
+        options = {**self.generate_kwargs, **kwargs}
+        docs = self._documents(options.pop("memory_docs", self.memory_docs))
+        max_new_tokens = int(options.pop("max_new_tokens", self.max_new_tokens))
+        num_sources = int(options.pop("num_sources", self.num_sources))
+        text = prompt if formatted else self.completion_to_prompt(prompt)
+        return text, docs, max_new_tokens, num_sources, options
+
+    def _documents(self, memory_docs: Sequence[str] | None) -> list[str] | None:
+        """The document ids to attend to, or None for the plain model (none chosen, or none stored)."""
+        if memory_docs is not None:
+            return [self._memory.store.document(doc).id for doc in memory_docs] or None
+        return [record.id for record in self._memory.documents()] or None
+
+
+def _response(text: str, answer: Answer, delta: str | None = None) -> CompletionResponse:
+    sources = [source.to_dict() for source in answer.sources]
+    return CompletionResponse(text=text, delta=delta, raw=answer.to_dict(), additional_kwargs={"sources": sources})
+
+
+def _in_thread(ask: Callable[[Callable[[str], None]], Answer]) -> Iterator[str | Answer]:
+    """Run `ask(on_text)` in a thread; yield its text pieces as they come, then its Answer."""
+    pieces: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+    def work() -> None:
+        try:
+            pieces.put(("answer", ask(lambda piece: pieces.put(("text", piece)))))
+        except BaseException as error:  # raised again in the consuming thread
+            pieces.put(("error", error))
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    while True:
+        kind, value = pieces.get()
+        if kind == "text":
+            yield value
+        elif kind == "error":
+            worker.join()
+            raise value
+        else:
+            worker.join()
+            yield value
+            return
