@@ -1,10 +1,16 @@
-"""adapters/ and persistence/ install only under the package: no generic top-level modules."""
+"""Packaging: adapters/ and persistence/ install only under the package (no generic top-level
+modules); llama-index's import paths are PEP 420 namespace portions that shadow nothing."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import shutil
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 
 def test_generic_names_are_not_importable_top_level():
@@ -17,3 +23,84 @@ def test_generic_names_are_not_importable_top_level():
 def test_subpackages_import_under_the_package():
     assert importlib.util.find_spec("fot_memory_plugin.adapters") is not None
     assert importlib.util.find_spec("fot_memory_plugin.persistence") is not None
+
+
+# --- llama-index's conventional import paths (PEP 420 namespace portions) ------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+_IMPORTS = (
+    "import json, llama_index.core, llama_index.llms.fot_memory as llms, llama_index.memory.fot_memory as memory\n"
+    "from llama_index.llms.fot_memory import FoTMemoryLLM\n"
+    "from llama_index.memory.fot_memory import FoTDocumentMemoryBlock\n"
+    "from llama_index.core.llms import CustomLLM\n"
+    "from llama_index.core.memory.memory import BaseMemoryBlock\n"
+    "assert issubclass(FoTMemoryLLM, CustomLLM) and issubclass(FoTDocumentMemoryBlock, BaseMemoryBlock)\n"
+    "import importlib, sys\n"
+    "other = importlib.import_module(sys.argv[1]) if len(sys.argv) > 1 else None\n"
+    "print(json.dumps({'core': llama_index.core.__file__, 'llms': llms.__file__, 'memory': memory.__file__,\n"
+    "                  'other': other and other.__file__, 'other_value': other and other.VALUE}))\n"
+)
+
+
+def _fake_integration(tmp_path: Path) -> Path:
+    """Install a separate llama_index.llms.* distribution into a target directory, as pip would."""
+    source = tmp_path / "other-src"
+    package = source / "llama_index" / "llms" / "other_vendor"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("VALUE = 'other vendor'\n")
+    (source / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n'
+        '[project]\nname = "llama-index-llms-other-vendor"\nversion = "0.1.0"\n'
+        '[tool.setuptools]\npackages = ["llama_index.llms.other_vendor"]\n'
+    )
+    target = tmp_path / "other-target"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--disable-pip-version-check", "--target", str(target), str(source)], check=True, timeout=300)
+    return target
+
+
+def _imports(pythonpath: list[Path], *args: str) -> dict:
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(map(str, pythonpath))}
+    done = subprocess.run([sys.executable, "-c", _IMPORTS, *args], capture_output=True, text=True, cwd="/",
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_namespace_imports_work_beside_other_llama_index_packages(tmp_path):
+    """The installed checkout (editable in development): ours, llama-index-core and another
+    vendor's llama_index.llms.* package all import together; nothing is shadowed."""
+    other = _fake_integration(tmp_path)
+    found = _imports([other], "llama_index.llms.other_vendor")
+    assert found["other_value"] == "other vendor" and found["other"].startswith(str(other))
+    assert "site-packages" in found["core"]
+    assert found["llms"].endswith(os.path.join("llama_index", "llms", "fot_memory", "__init__.py"))
+    assert found["memory"].endswith(os.path.join("llama_index", "memory", "fot_memory", "__init__.py"))
+
+
+def test_wheel_installs_namespace_portions_without_init_files(tmp_path):
+    source = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for name in ("fot_memory_plugin", "adapters", "persistence"):
+        shutil.copytree(ROOT / name, source / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--disable-pip-version-check", "-w", str(wheels), str(source)], check=True, timeout=600,
+                   capture_output=True)
+    (wheel,) = wheels.glob("fot_memory_plugin-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "llama_index/llms/fot_memory/__init__.py" in names
+    assert "llama_index/memory/fot_memory/__init__.py" in names
+    for shared in ("llama_index/__init__.py", "llama_index/llms/__init__.py", "llama_index/memory/__init__.py"):
+        assert shared not in names, f"the wheel would shadow every other llama_index package with {shared}"
+    assert not any(name.startswith("fot_memory_plugin/_namespace") for name in names)
+    assert not any(name.split("/")[0] in ("adapters", "persistence") for name in names)
+    target = tmp_path / "installed"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--disable-pip-version-check",
+                    "--target", str(target), str(wheel)], check=True, timeout=300)
+    other = _fake_integration(tmp_path)
+    found = _imports([target, other], "llama_index.llms.other_vendor")
+    assert found["llms"].startswith(str(target)) and found["memory"].startswith(str(target))
+    assert found["other_value"] == "other vendor" and "site-packages" in found["core"]
