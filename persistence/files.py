@@ -23,6 +23,7 @@ __all__ = [
     "StoreLayout",
     "kv_filename",
     "index_filename",
+    "extras_filename",
     "fsync_file",
     "fsync_dir",
     "crc32_file",
@@ -80,6 +81,11 @@ def kv_filename(layer: int) -> str:
 def index_filename(layer: int, head: int) -> str:
     """The hnswlib index over the keys of one KV head of one layer; label = token index."""
     return f"layer{layer}.h{head}.hnsw"
+
+
+def extras_filename(layer: int, head: int) -> str:
+    """What searching that index needs besides the graph: exact-list tokens, duplicates, centre."""
+    return f"layer{layer}.h{head}.extra.npz"
 
 
 def fsync_file(path: Path) -> None:

@@ -1,66 +1,86 @@
-"""One hnswlib index over the keys of one (document, memory layer, KV head).
+"""One hnswlib index over the keys of one (document, memory layer, KV head), and what makes it
+find the exact inner-product top-k on real attention keys.
 
-hnswlib's `ip` space over raw attention keys was measured at recall@128 = 0.48 and sometimes
-failed batched searches (DESIGN.md). Maximum-inner-product search is therefore reduced to L2
-search: each key k gets one extra coordinate sqrt(B^2 - |k|^2), with B the largest key norm
-of that head in that document (known exactly, because indexes are built when the document is
-finished), and each query gets 0. Then |q' - k'|^2 = |q|^2 + B^2 - 2 q.k, so the L2 ranking is
-the inner-product ranking, and no key can exceed B.
+Maximum-inner-product search reduced to L2 search (hnswlib `ip` over raw keys was measured at
+recall@128 = 0.48, DESIGN.md): each indexed key k gets one extra coordinate sqrt(B^2 - |k|^2),
+each query 0, so |q' - k'|^2 = |q|^2 + B^2 - 2 q.k ranks keys by inner product. On real SmolLM2
+keys that alone gave recall@32 of 0.65 at ef 512 on 98k tokens (benchmarks/README.md), for three
+reasons, each handled here:
 
-Measured on synthetic anisotropic keys (tests/persistence_helpers/benchmark.py, D=64, M=16,
-ef_construction=100): recall@128 at ef=128 / 160 / 256 / 384 is 0.968 / 0.980 / 0.994 / 0.998
-at 6k keys and 0.935 / 0.955 / 0.981 / 0.991 at 50k keys; hence the default ef = 2k.
+1. Attention keys share a large common component (|mean key| ~ 15, median key norm ~ 16, centred
+   norm ~ 7). The index holds CENTRED keys k - mu, mu a per-(document, layer, head) mean key:
+   q.(k - mu) = q.k - q.mu, so for each query the ranking is unchanged (exactly), while the
+   norms, and with them B and the extra coordinate, shrink. Search results are re-scored with
+   the raw stored keys, so scores (and merging across documents) never see mu.
+2. A few keys with huge norms set B, which squeezes all other keys onto nearly the same extra
+   coordinate. The keys whose centred norm exceeds B, the (1 - exact_fraction) quantile, are
+   not indexed but scored exactly on every search (1% of keys: cheap next to the graph walk).
+3. In layer 0 a key depends on the token alone: 98k tokens of a novel hold 6.9k distinct keys,
+   and thousands of identical points wreck an HNSW graph. Exact duplicates are collapsed: the
+   index holds the first token with each key; the others are restored in the results.
+
+mu, B and whether to collapse duplicates are fixed on the document's first `calibration_tokens`
+tokens, so the index is built while the document is still being read (`IndexBuilder`, fed by
+the writer's background thread); a later key beyond B simply joins the exact list.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import threading
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import hnswlib
 import numpy as np
+import torch
 
-from .kvfile import rows_float32
-
-__all__ = ["IndexParams", "HnswIndex", "build_index", "default_ef", "num_threads"]
+__all__ = ["IndexParams", "IndexBuilder", "HnswIndex", "IndexExtras", "default_ef", "num_threads"]
 
 logger = logging.getLogger(__name__)
 
-_BUILD_ROWS = 65536  # keys converted and inserted per add_items call (bounds RAM while building)
+_INITIAL_CAPACITY = 4096  # graph slots allocated first; doubled as keys arrive
+_PARALLEL_ROWS = 4096  # add_items calls at least this big use every core (smaller: one thread)
 
 
 @dataclass(frozen=True)
 class IndexParams:
-    """hnswlib construction parameters, recorded per document."""
+    """How a document's indexes are built, recorded per document."""
 
-    # Graph degree. 16 and 24 gave the same recall on synthetic keys; 16 keeps the index
-    # (about 400 bytes per key at D=64, loaded into RAM) smaller.
+    # Graph degree. M=32 gained +0.02-0.04 recall over 16 on real keys at 1.5-2x the search time
+    # and index size; 16 with the fixes in this module's docstring is above 0.95 already.
     M: int = 16
     # Candidate list while building: 200 halved build speed for +0.005 recall over 100.
     ef_construction: int = 100
-    # Fixed seed: the same keys give the same index, so results are reproducible.
+    # Fixed seed: the same keys in the same order give the same index.
     seed: int = 100
+    # Share of keys (largest centred norms) scored exactly instead of indexed. 1% beat 0.3% by
+    # 0.02-0.2 recall per head on real keys; 3% added < 0.01.
+    exact_fraction: float = 0.01
+    # Tokens that fix the centre, the norm bound and duplicate collapsing before keys stream in.
+    calibration_tokens: int = 2048
+    # Collapse identical keys when at least this share of the calibration keys are repeats
+    # (layer 0: ~60%; other layers: < 1%, where a lookup per key would cost for nothing).
+    duplicate_share: float = 0.1
 
     def __post_init__(self) -> None:
         if self.M < 2 or self.ef_construction < 1:
             raise ValueError(f"IndexParams needs M >= 2 and ef_construction >= 1, got {self}.")
+        if not 0.0 <= self.exact_fraction < 1.0 or self.calibration_tokens < 1:
+            raise ValueError(f"IndexParams needs 0 <= exact_fraction < 1 and calibration_tokens >= 1, got {self}.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def default_ef(k: int) -> int:
-    """Search-time candidate list for top-k.
-
-    2k sufficed on synthetic keys, not on real ones: on a SmolLM2 store of 6k tokens answers
-    were wrong at ef 64-256 and right at 512 (identical keys of repeated tokens in low layers,
-    and a few huge-norm keys that squeeze the rest together under the L2 reduction).
-    """
-    return max(2 * k, 512)
+    """Search-time candidate list for top-k (measured on real SmolLM2 keys and queries, k=32:
+    with centring, exact outliers and collapsed duplicates, recall >= 0.95 from ef ~ 128)."""
+    return max(4 * k, 128)
 
 
 def num_threads() -> int:
@@ -78,55 +98,186 @@ def _augment(keys: np.ndarray, bound: float) -> np.ndarray:
     return np.concatenate([keys, extra[:, None]], axis=1)
 
 
-def _norm_bound(kv: np.ndarray, head: int, dtype: str) -> float:
-    """Largest key norm of one head in a (N, 2, Hkv, D) array, in float32 as the index sees it."""
-    largest = 0.0
-    for start in range(0, kv.shape[0], _BUILD_ROWS):
-        keys = rows_float32(kv[start : start + _BUILD_ROWS, 0, head], dtype).numpy()
-        largest = max(largest, float(np.einsum("nd,nd->n", keys, keys).max()))
-    return float(np.sqrt(largest))
+@dataclass
+class IndexExtras:
+    """What a search needs besides the graph (saved as `layer<L>.h<H>.extra.npz`).
+
+    centre (D,) and bound: how the indexed keys were transformed (kept for inspection);
+    exact_ids (S,): tokens scored exactly on every search; dup_ids (P,) and dup_of (P,): token
+    dup_ids[i] has the same key as token dup_of[i], which is indexed (or exact) in its place.
+    """
+
+    centre: np.ndarray
+    bound: float
+    exact_ids: np.ndarray
+    dup_ids: np.ndarray
+    dup_of: np.ndarray
+
+    @classmethod
+    def none(cls, dim: int) -> IndexExtras:
+        """No centring, no exact list, no duplicates: documents indexed before format 2."""
+        empty = np.zeros(0, np.int64)
+        return cls(np.zeros(dim, np.float32), float("nan"), empty, empty, empty.copy())
+
+    def save(self, path: Path) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, centre=self.centre, bound=np.float64(self.bound), exact_ids=self.exact_ids,
+                 dup_ids=self.dup_ids, dup_of=self.dup_of)
+        path.write_bytes(buffer.getvalue())
+
+    @classmethod
+    def load(cls, path: Path) -> IndexExtras:
+        with np.load(path, allow_pickle=False) as data:
+            return cls(data["centre"], float(data["bound"]), data["exact_ids"].astype(np.int64),
+                       data["dup_ids"].astype(np.int64), data["dup_of"].astype(np.int64))
 
 
-def build_index(kv: np.ndarray, head: int, dtype: str, params: IndexParams) -> tuple[hnswlib.Index, float]:
-    """Index the keys of one KV head of kv (N, 2, Hkv, D); returns (index, norm bound B)."""
-    count, _, _, dim = kv.shape
-    bound = _norm_bound(kv, head, dtype)
-    index = hnswlib.Index(space="l2", dim=dim + 1)
-    index.init_index(max_elements=count, ef_construction=params.ef_construction, M=params.M,
-                     random_seed=params.seed)
-    for start in range(0, count, _BUILD_ROWS):
-        keys = rows_float32(kv[start : start + _BUILD_ROWS, 0, head], dtype).numpy()
-        labels = np.arange(start, start + keys.shape[0], dtype=np.int64)
-        index.add_items(_augment(keys, bound), labels, num_threads=num_threads())
-    return index, bound
+@dataclass
+class IndexBuilder:
+    """Builds the index of one (layer, KV head) from its keys in token order (`add`), then `finish`.
+
+    Not thread-safe: one thread feeds it (the writer's background thread, or the commit).
+    """
+
+    dim: int
+    params: IndexParams
+    _pending: list[np.ndarray] = field(default_factory=list)  # storage-dtype keys before calibration
+    _next_token: int = 0  # token id of the next key added
+    _centre: np.ndarray | None = None
+    _bound: float = 0.0
+    _seen: dict[bytes, int] | None = None  # key bytes -> first token with that key (if collapsing)
+    _index: hnswlib.Index | None = None
+    _exact: list[np.ndarray] = field(default_factory=list)
+    _dups: list[tuple[int, int]] = field(default_factory=list)  # (token, token it duplicates)
+
+    def add(self, keys: np.ndarray) -> None:
+        """Keys (T, D) of the next T tokens, in the storage element type (float16, float32 or
+        bfloat16 bits as uint16): identical stored keys are what duplicates means."""
+        if self._centre is None:
+            self._pending.append(np.array(keys))
+            if sum(len(block) for block in self._pending) >= self.params.calibration_tokens:
+                self._calibrate()
+            return
+        self._insert(keys)
+
+    def _calibrate(self) -> None:
+        """Fix centre, bound and duplicate collapsing on the pending keys, then index them."""
+        pending = np.concatenate(self._pending) if self._pending else np.zeros((0, self.dim), np.float16)
+        self._pending = []
+        keys = _float32(pending)
+        self._centre = keys.mean(axis=0) if len(keys) else np.zeros(self.dim, np.float32)
+        distinct = len({row.tobytes() for row in pending})
+        if len(pending) and 1 - distinct / len(pending) >= self.params.duplicate_share:
+            self._seen = {}
+        norms = np.linalg.norm(keys - self._centre, axis=1)
+        # The bound covers all but the exact_fraction largest norms (of the distinct keys).
+        distinct_norms = np.unique(norms)
+        self._bound = float(np.quantile(distinct_norms, 1 - self.params.exact_fraction)) if len(norms) else 0.0
+        self._index = hnswlib.Index(space="l2", dim=self.dim + 1)
+        self._index.init_index(max_elements=_INITIAL_CAPACITY, ef_construction=self.params.ef_construction,
+                               M=self.params.M, random_seed=self.params.seed)
+        self._insert(pending)
+
+    def _insert(self, keys: np.ndarray) -> None:
+        assert self._index is not None and self._centre is not None
+        tokens = np.arange(self._next_token, self._next_token + len(keys), dtype=np.int64)
+        self._next_token += len(keys)
+        if self._seen is not None:
+            keep = np.ones(len(keys), dtype=bool)
+            for row, (token, key) in enumerate(zip(tokens.tolist(), keys)):
+                first = self._seen.setdefault(key.tobytes(), token)
+                if first != token:
+                    keep[row] = False
+                    self._dups.append((token, first))
+            keys, tokens = keys[keep], tokens[keep]
+        centred = _float32(keys) - self._centre
+        outside = np.einsum("nd,nd->n", centred, centred) > self._bound * self._bound
+        self._exact.append(tokens[outside])
+        centred, tokens = centred[~outside], tokens[~outside]
+        if len(tokens) == 0:
+            return
+        needed = self._index.get_current_count() + len(tokens)
+        if needed > self._index.get_max_elements():
+            self._index.resize_index(max(needed, 2 * self._index.get_max_elements()))
+        threads = num_threads() if len(tokens) >= _PARALLEL_ROWS else 1
+        self._index.add_items(_augment(centred, self._bound), tokens, num_threads=threads)
+
+    def finish(self) -> tuple[hnswlib.Index, IndexExtras]:
+        """The finished graph and its extras (calibrating on whatever came, if fewer tokens did)."""
+        if self._centre is None:
+            self._calibrate()
+        assert self._index is not None and self._centre is not None
+        dups = np.asarray(self._dups, dtype=np.int64).reshape(-1, 2)
+        extras = IndexExtras(self._centre.astype(np.float32), self._bound,
+                             np.concatenate(self._exact).astype(np.int64) if self._exact else np.zeros(0, np.int64),
+                             dups[:, 0].copy(), dups[:, 1].copy())
+        return self._index, extras
+
+
+def _float32(keys: np.ndarray) -> np.ndarray:
+    """Stored keys (n, D) -> float32 (bfloat16 is stored as the upper 16 bits of a float32)."""
+    if keys.dtype == np.uint16:
+        return (keys.astype(np.uint32) << 16).view(np.float32)
+    return keys.astype(np.float32)
 
 
 class HnswIndex:
-    """A loaded index, searchable from several threads (set_ef + knn_query run under a lock)."""
+    """A loaded index of one (document, layer, KV head), searchable from several threads
+    (set_ef + knn_query run under a lock)."""
 
-    def __init__(self, index: hnswlib.Index, count: int) -> None:
+    def __init__(self, index: hnswlib.Index | None, extras: IndexExtras, num_tokens: int) -> None:
         self._index = index
-        self.count = count
+        self.extras = extras
+        self.num_tokens = num_tokens
+        self.count = 0 if index is None else index.get_current_count()  # keys in the graph
         self._lock = threading.Lock()
+        self._exact_keys: torch.Tensor | None = None  # (S, D) float32 keys of extras.exact_ids
+        # Duplicates grouped by the token they duplicate: members[starts[i]:starts[i+1]] repeat groups[i].
+        order = np.argsort(extras.dup_of, kind="stable")
+        self._groups, first = np.unique(extras.dup_of[order], return_index=True)
+        self._starts = np.append(first, len(order)).astype(np.int64)
+        self._members = extras.dup_ids[order]
 
     @classmethod
-    def load(cls, path: Path, head_dim: int, count: int) -> HnswIndex:
-        """Load an index saved by `build_index` + `save_index` over `count` keys of size head_dim."""
+    def load(cls, path: Path, extras: IndexExtras, head_dim: int, num_tokens: int) -> HnswIndex:
+        """Load a saved graph; it must hold every token that is neither exact nor a duplicate."""
+        expected = num_tokens - len(extras.exact_ids) - len(extras.dup_ids)
         index = hnswlib.Index(space="l2", dim=head_dim + 1)
-        index.load_index(str(path), max_elements=count)
+        index.load_index(str(path), max_elements=max(expected, 1))
         loaded = index.get_current_count()
-        if loaded != count:
-            raise ValueError(f"index {path} holds {loaded} keys, expected {count}")
-        return cls(index, count)
+        if loaded != expected:
+            raise ValueError(f"index {path} holds {loaded} keys, expected {expected}")
+        return cls(index, extras, num_tokens)
 
-    def search(self, queries: np.ndarray, k: int, ef: int) -> np.ndarray | None:
-        """Token indices (R, k) int64 of the approximate top-k keys for queries (R, D) float32.
+    def search(self, queries: torch.Tensor, k: int, ef: int,
+               keys_at: Callable[[np.ndarray], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Top-k of the document's tokens by inner product for queries (R, D) float32, k <= num_tokens.
 
-        k must be <= count. Returns None when hnswlib cannot fill k results (the caller then
-        searches exactly), so a rare graph defect costs speed, never results.
+        keys_at(token ids (any shape)) -> stored keys (..., D) float32: candidates are re-scored
+        with them. Returns exact scores (R, k) and token ids (R, k) int64, best first; or None
+        when hnswlib cannot fill its results (the caller then scans exactly), so a rare graph
+        defect costs speed, never results.
         """
-        assert 0 < k <= self.count
-        data = np.concatenate([queries, np.zeros((queries.shape[0], 1), np.float32)], axis=1)
+        assert 0 < k <= self.num_tokens
+        rows = queries.shape[0]
+        ids, scores = [], []
+        if self.count:
+            found = self._graph_search(queries, min(k, self.count), ef)
+            if found is None:
+                return None
+            ids.append(torch.from_numpy(found))
+            scores.append(torch.einsum("rd,rkd->rk", queries, keys_at(found)))
+        if len(self.extras.exact_ids):
+            if self._exact_keys is None:  # a benign race: two threads may both load them
+                self._exact_keys = keys_at(self.extras.exact_ids)
+            ids.append(torch.from_numpy(self.extras.exact_ids).expand(rows, -1))
+            scores.append(queries @ self._exact_keys.T)
+        all_scores, all_ids = torch.cat(scores, dim=1), torch.cat(ids, dim=1)  # (R, C)
+        top, order = all_scores.topk(min(k, all_ids.shape[1]), dim=1)
+        return self._restore_duplicates(top, all_ids.gather(1, order), k)
+
+    def _graph_search(self, queries: torch.Tensor, k: int, ef: int) -> np.ndarray | None:
+        data = np.concatenate([queries.numpy(), np.zeros((queries.shape[0], 1), np.float32)], axis=1)
         with self._lock:
             self._index.set_ef(max(ef, k))
             try:
@@ -135,3 +286,22 @@ class HnswIndex:
                 logger.warning("hnswlib search failed (%s); falling back to exact search", error)
                 return None
         return labels.astype(np.int64, copy=False)
+
+    def _restore_duplicates(self, scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expand each found token into itself and the tokens with the same key (same score), best
+        first, keeping k per row. scores, ids (R, c) best first, c <= k."""
+        if len(self._groups) == 0:
+            return scores, ids
+        flat = ids.numpy()
+        where = np.clip(np.searchsorted(self._groups, flat), 0, len(self._groups) - 1)
+        has = self._groups[where] == flat
+        counts = torch.from_numpy(1 + np.where(has, self._starts[where + 1] - self._starts[where], 0))  # (R, c)
+        ends = counts.cumsum(dim=1)
+        assert int(ends[:, -1].min()) >= k, "fewer tokens than k behind the candidates"
+        slot = torch.arange(k).expand(ids.shape[0], k).contiguous()
+        source = torch.searchsorted(ends, slot, right=True)  # (R, k): which candidate fills each slot
+        within = (slot - (ends - counts).gather(1, source)).numpy()  # 0: the candidate itself
+        picked = flat[np.arange(len(flat))[:, None], source.numpy()]
+        member = self._starts[where[np.arange(len(flat))[:, None], source.numpy()]] + within - 1
+        restored = np.where(within == 0, picked, self._members[np.clip(member, 0, max(len(self._members) - 1, 0))])
+        return scores.gather(1, source), torch.from_numpy(restored)

@@ -209,15 +209,14 @@ class PersistentMemory:
     def _search_part(
         self, part: DocumentLayer, head: int, queries: torch.Tensor, k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact scores and local token ids (R, k) of one document's candidates."""
+        """Exact scores and local token ids (R, k) of one document's candidates, best first."""
         use_index = part.indexes is not None and not self.exact and part.num_tokens >= self.exact_below
         if use_index:
             ef = self.ef if self.ef is not None else default_ef(k)
-            local = part.indexes[head].search(queries.numpy(), k, ef)
-            if local is not None:
-                keys = _gather_keys(part.kv, head, part.dtype, local)  # (R, k, D)
-                scores = torch.einsum("rd,rkd->rk", queries, keys)
-                return scores, torch.from_numpy(local)
+            found = part.indexes[head].search(
+                queries, k, ef, lambda ids: _gather_keys(part.kv, head, part.dtype, ids))
+            if found is not None:
+                return found
         return exact_scan(part.kv, head, part.dtype, queries, k)
 
     def _fill(self, ids: np.ndarray, head: int, keys: torch.Tensor, values: torch.Tensor) -> None:

@@ -29,8 +29,10 @@ __all__ = [
     "fingerprint_differences",
 ]
 
-# Bump when the on-disk layout changes in a way older code cannot read.
-FORMAT_VERSION = 1
+# Bump when the on-disk layout changes in a way older code cannot read. 2: each index has a
+# `.extra.npz` (exact-list tokens, collapsed duplicates, centre) without which format-1 code
+# would search it wrongly. Format-1 documents are still searched (their indexes need no extras).
+FORMAT_VERSION = 2
 _BUSY_TIMEOUT_S = 30.0  # SQLite waits this long for another connection's short write transaction
 
 _SCHEMA = """
@@ -169,6 +171,13 @@ class Metadata:
 
     def close(self) -> None:
         self.db.close()
+
+    def raise_format_version(self) -> None:
+        """Record FORMAT_VERSION if an older one is recorded (before writing a document in the new
+        format into an older store, so that older code refuses the store instead of misreading it)."""
+        with self.db.atomic():
+            self.db.execute("UPDATE meta SET value = ? WHERE key = 'format_version' AND CAST(value AS INTEGER) < ?",
+                            [str(FORMAT_VERSION), FORMAT_VERSION])
 
     def _put_meta_if_absent(self, key: str, value: str) -> None:
         self.db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", [key, value])

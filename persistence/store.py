@@ -6,6 +6,7 @@ STORE/
   store.lock                     writer lock: one document write or forget at a time
   docs/<doc_id>/layer<L>.kv      keys and values of memory layer L (see kvfile.py)
   docs/<doc_id>/layer<L>.h<H>.hnsw   hnswlib index over the keys of KV head H (see hnsw_index.py)
+  docs/<doc_id>/layer<L>.h<H>.extra.npz   its exact-list tokens, collapsed duplicates and centre
   tmp/                           documents being written; removed on the next writer-side open
 ```
 
@@ -37,8 +38,16 @@ from .errors import (
     StoreReadOnlyError,
     StoreVersionError,
 )
-from .files import StoreLayout, crc32_file, index_filename, kv_filename, remove_tree, validate_name
-from .hnsw_index import HnswIndex, IndexParams
+from .files import (
+    StoreLayout,
+    crc32_file,
+    extras_filename,
+    index_filename,
+    kv_filename,
+    remove_tree,
+    validate_name,
+)
+from .hnsw_index import HnswIndex, IndexExtras, IndexParams
 from .kvfile import STORAGE_DTYPES, kv_file_size, open_kv
 from .memory import DEFAULT_EXACT_BELOW, DocumentLayer, PersistentMemory
 from .metadata import (
@@ -79,6 +88,7 @@ class MemoryStore:
         self.readonly, self.lock_timeout, self.verify_mode = readonly, lock_timeout, verify
         self._loaded: dict[tuple[str, int], DocumentLayer] = {}
         self._verified: set[tuple[str, str]] = set()  # (doc id, file name) whose checksum matched
+        self._warned_legacy: set[str] = set()  # format-1 documents already warned about
         self._chunk_spans: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._load_lock = threading.Lock()
         self._closed = False
@@ -237,6 +247,7 @@ class MemoryStore:
         lock = self._acquire_lock(self.lock_timeout)
         try:
             self._record_fingerprint()
+            self._meta.raise_format_version()
             existing = self._meta.find("name", name)
             if existing and not force:
                 raise DuplicateDocumentError(name, existing[0].id)
@@ -415,9 +426,19 @@ class MemoryStore:
 
     def _load_index(self, record: DocumentRecord, layer: int, head: int) -> HnswIndex:
         path = self._check_file(record, index_filename(layer, head), checksum=True)
+        extras_name = extras_filename(layer, head)
         try:
-            return HnswIndex.load(path, record.head_dim, record.num_tokens)
-        except (RuntimeError, ValueError, MemoryError) as error:
+            if extras_name in record.files:
+                extras = IndexExtras.load(self._check_file(record, extras_name, checksum=True))
+            else:  # indexed by format 1: raw keys, no exact list, no collapsed duplicates
+                if record.id not in self._warned_legacy:
+                    self._warned_legacy.add(record.id)
+                    logger.warning("document %r was indexed by an older fot-memory (format 1): its hnswlib "
+                                   "recall on real keys is low; read it again with force to re-index it",
+                                   record.name)
+                extras = IndexExtras.none(record.head_dim)
+            return HnswIndex.load(path, extras, record.head_dim, record.num_tokens)
+        except (RuntimeError, ValueError, MemoryError, OSError, KeyError) as error:
             raise CorruptDocumentError(record.id, record.name, f"{path.name} cannot be loaded ({error})") from error
 
 

@@ -1,8 +1,13 @@
 """DocumentWriter: streams one document's keys and values to disk, then publishes it atomically.
 
+While the document is read, a background thread writes each appended window to the `.kv`
+files and inserts its keys into the hnswlib indexes (hnswlib releases the GIL), so disk writes
+and index building overlap the model's compute; `append` only converts and queues. Nothing
+searches these indexes while they grow (reading retrieves from the engine's in-RAM memory).
+
 Order of a commit (each step survives a crash of the step after it):
-  1. `.kv` files closed and fsynced in tmp/<random>/ (they were written window by window)
-  2. hnswlib indexes built from them (the key norm bound is known now) and saved, fsynced
+  1. the queue drained; `.kv` files closed and fsynced in tmp/<random>/
+  2. hnswlib indexes finished and saved with their extras, fsynced
   3. the temp directory fsynced, renamed to docs/<doc_id>/, docs/ fsynced
   4. ONE SQLite transaction: delete the documents it replaces, insert its row and chunks
   5. replaced documents' directories removed
@@ -15,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
@@ -24,9 +31,19 @@ import numpy as np
 import torch
 
 from .errors import DuplicateDocumentError
-from .files import StoreLayout, crc32_file, fsync_dir, fsync_file, index_filename, kv_filename, new_doc_id, remove_tree
-from .hnsw_index import IndexParams, build_index
-from .kvfile import KVFileWriter, open_kv, to_storage
+from .files import (
+    StoreLayout,
+    crc32_file,
+    extras_filename,
+    fsync_dir,
+    fsync_file,
+    index_filename,
+    kv_filename,
+    new_doc_id,
+    remove_tree,
+)
+from .hnsw_index import IndexBuilder, IndexParams
+from .kvfile import KVFileWriter, to_storage
 from .metadata import DocumentRecord, Metadata
 
 __all__ = ["DocumentWriter", "ChunkSpan"]
@@ -44,6 +61,51 @@ def _no_step(step: str) -> None:
 # Called with the name of each finished commit step ("kv_written", "files_written", "renamed",
 # "committed" (after the lock is released)). Crash tests replace it in a worker process to stop there and be killed.
 after_step: Callable[[str], None] = _no_step
+
+
+_QUEUED_APPENDS = 64  # appends waiting for the background thread (bounds RAM); append blocks beyond
+
+
+class _Background:
+    """One thread running queued jobs in order. The first error stops it and is raised by the
+    next `submit` or by `join`."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=_QUEUED_APPENDS)
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._thread = threading.Thread(target=self._run, name="fot-memory-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if self._error is None and not self._cancelled:
+                try:
+                    job()
+                except BaseException as error:  # noqa: BLE001 (handed to the writer's thread)
+                    self._error = error
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._raise()
+        self._jobs.put(job)
+
+    def join(self) -> None:
+        """Wait until every queued job ran (the thread then ends); raise the first error."""
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+        self._raise()
+
+    def cancel(self) -> None:
+        """Skip the queued jobs and end the thread."""
+        self._cancelled = True
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
 
 
 def _as_array(name: str, array: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -100,10 +162,13 @@ class DocumentWriter:
         self._head_dim: int | None = fingerprint.get("head_dim")
         self.doc_id = new_doc_id()
         self._files: dict[int, KVFileWriter] = {}
+        self._builders: dict[int, list[IndexBuilder]] = {}  # per layer, one per KV head
+        self._counts: dict[int, int] = {}  # tokens appended per layer (queued ones included)
         self._chunks: list[ChunkSpan] = []
         self._state = "open"  # -> "committed" | "aborted"
         self.record: DocumentRecord | None = None
         self._tmp = layout.new_temp_dir()
+        self._background = _Background()
 
     def __enter__(self) -> DocumentWriter:
         return self
@@ -117,7 +182,7 @@ class DocumentWriter:
     @property
     def num_tokens(self) -> int:
         """Tokens appended so far (to the layer that has the fewest)."""
-        return min((f.num_tokens for f in self._files.values()), default=0)
+        return min(self._counts.values(), default=0)
 
     def append(self, layer: int, keys: np.ndarray | torch.Tensor, values: np.ndarray | torch.Tensor) -> None:
         """Append one reading window of one memory layer: keys and values (Hkv, T, D), pre-RoPE keys.
@@ -142,7 +207,20 @@ class DocumentWriter:
         if layer not in self._files:
             path = self._tmp / kv_filename(layer)
             self._files[layer] = KVFileWriter(path, kv_heads, head_dim, self.dtype)
-        self._files[layer].append(to_storage(keys, self.dtype), to_storage(values, self.dtype))
+            self._builders[layer] = [IndexBuilder(head_dim, self.index_params) for _ in range(kv_heads)]
+            self._counts[layer] = 0
+        self._counts[layer] += length
+        # Converted here (a private copy: the caller may reuse its tensors), written and indexed
+        # by the background thread.
+        stored_keys, stored_values = to_storage(keys, self.dtype), to_storage(values, self.dtype)
+        file, builders = self._files[layer], self._builders[layer]
+
+        def write() -> None:
+            file.append(stored_keys, stored_values)
+            for head, builder in enumerate(builders):
+                builder.add(stored_keys[head])
+
+        self._background.submit(write)
 
     def _check_layer(self, layer: int) -> int:
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or layer < 0:
@@ -165,7 +243,7 @@ class DocumentWriter:
 
     def _checked_layout(self) -> tuple[int, list[ChunkSpan]]:
         """Validate what was appended; returns (token count, chunks sorted by start token)."""
-        counts = {layer: f.num_tokens for layer, f in self._files.items()}
+        counts = dict(self._counts)
         if not counts:
             raise ValueError(f"Document {self.name!r} has no tokens: append keys and values before finishing it.")
         if len(set(counts.values())) != 1:
@@ -188,11 +266,12 @@ class DocumentWriter:
         try:
             num_tokens, chunks = self._checked_layout()
             started = time.perf_counter()
+            self._background.join()
             files = self._finish_kv_files()
             after_step("kv_written")
-            bounds = self._build_indexes(num_tokens, files)
+            summary = self._save_indexes(files)
             after_step("files_written")
-            record = self._make_record(num_tokens, files, bounds)
+            record = self._make_record(num_tokens, files, summary)
             replaced = self._publish(record, chunks)
         except BaseException:
             self.abort()
@@ -215,26 +294,29 @@ class DocumentWriter:
             files[writer.path.name] = {"size": size, "crc32": crc}
         return files
 
-    def _build_indexes(self, num_tokens: int, files: dict[str, dict[str, Any]]) -> dict[str, list[float]]:
-        """One hnswlib index per (layer, KV head), saved next to the .kv files; returns norm bounds."""
-        bounds: dict[str, list[float]] = {}
-        assert self._kv_heads is not None and self._head_dim is not None
-        for layer in sorted(self._files):
-            kv = open_kv(self._tmp / kv_filename(layer), num_tokens, self._kv_heads, self._head_dim, self.dtype)
-            bounds[str(layer)] = []
-            for head in range(self._kv_heads):
-                index, bound = build_index(kv, head, self.dtype, self.index_params)
-                path = self._tmp / index_filename(layer, head)
-                index.save_index(str(path))
-                del index  # free the graph before building the next one
-                fsync_file(path)
-                files[path.name] = {"size": path.stat().st_size, "crc32": crc32_file(path)}
-                bounds[str(layer)].append(bound)
-            del kv
-        return bounds
+    def _save_indexes(self, files: dict[str, dict[str, Any]]) -> dict[str, dict[str, list]]:
+        """Finish, save and fsync each (layer, KV head) index and its extras; returns per layer
+        the norm bounds, exact-list sizes and collapsed duplicates (for the record)."""
+        summary: dict[str, dict[str, list]] = {}
+        for layer in sorted(self._builders):
+            builders = self._builders.pop(layer)  # each graph is freed once saved
+            summary[str(layer)] = {"norm_bounds": [], "exact_keys": [], "duplicates": []}
+            for head, builder in enumerate(builders):
+                index, extras = builder.finish()
+                paths = (self._tmp / index_filename(layer, head), self._tmp / extras_filename(layer, head))
+                index.save_index(str(paths[0]))
+                extras.save(paths[1])
+                del index, builder
+                for path in paths:
+                    fsync_file(path)
+                    files[path.name] = {"size": path.stat().st_size, "crc32": crc32_file(path)}
+                summary[str(layer)]["norm_bounds"].append(round(extras.bound, 4))
+                summary[str(layer)]["exact_keys"].append(len(extras.exact_ids))
+                summary[str(layer)]["duplicates"].append(len(extras.dup_ids))
+        return summary
 
     def _make_record(
-        self, num_tokens: int, files: dict[str, dict[str, Any]], bounds: dict[str, list[float]]
+        self, num_tokens: int, files: dict[str, dict[str, Any]], summary: dict[str, dict[str, list]]
     ) -> DocumentRecord:
         assert self._kv_heads is not None and self._head_dim is not None
         return DocumentRecord(
@@ -242,8 +324,9 @@ class DocumentWriter:
             num_tokens=num_tokens, created=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
             metadata=self.metadata, text_length=self.text_length, dtype=self.dtype,
             kv_heads=self._kv_heads, head_dim=self._head_dim, layers=tuple(sorted(self._files)),
-            index_params={**self.index_params.to_dict(), "space": "l2 over keys + sqrt(B^2 - |k|^2)",
-                          "norm_bounds": bounds},
+            index_params={**self.index_params.to_dict(),
+                          "space": "l2 over centred keys + sqrt(B^2 - |k - mu|^2); beyond B exact; duplicates collapsed",
+                          "layers": summary},
             files=files,
         )
 
@@ -266,6 +349,8 @@ class DocumentWriter:
         if self._state != "open":
             return
         self._state = "aborted"
+        self._background.cancel()
+        self._builders.clear()
         for writer in self._files.values():
             writer.abort()
         remove_tree(self._tmp)
