@@ -21,3 +21,15 @@ def test_readme_usage_example_runs(smollm2, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert "tokens in memory" in printed
     assert "Bingley" in printed
+
+
+def test_readme_llama_index_usage_runs(smollm2, capsys, monkeypatch, tmp_path):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## llama-index integration", 1)[1].split("### Usage", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(ROOT)
+    exec(compile(code.replace('"fot-store"', repr(str(tmp_path / "store"))), "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.startswith("Bingley")
+    assert "pride_and_prejudice_ch1-4.txt" in printed
+    assert (tmp_path / "store" / "memory.sqlite").exists()
