@@ -189,8 +189,8 @@ def fingerprint(loaded: LoadedModel, config: MemoryConfig, layers: Iterable[int]
 class BuiltStore:
     path: Path
     record: DocumentRecord
-    append_seconds: float | None  # None: the store existed and was reused
-    commit_seconds: float | None
+    append_seconds: float | None  # None: the store existed and was reused; indexes grow during appends
+    commit_seconds: float | None  # the rest of the index building, saving and fsyncs
 
 
 def build_store(
@@ -209,7 +209,8 @@ def build_store(
         with MemoryStore.open(path, readonly=True) as store:
             wanted = (name, num_tokens, tuple(fingerprint["mem_layers"]))
             for record in store.documents():
-                if (record.name, record.num_tokens, tuple(record.layers)) == wanted:
+                current = any(file.endswith(".extra.npz") for file in record.files)  # format 2 indexes
+                if (record.name, record.num_tokens, tuple(record.layers)) == wanted and current:
                     return BuiltStore(path, record, None, None)
     if path.exists():
         shutil.rmtree(path)

@@ -330,7 +330,8 @@ def main() -> None:
                                reading.windows(args.layers, 0, args.tokens, window), num_tokens=args.tokens,
                                index_params=IndexParams(M=M), rebuild=args.rebuild)
         if built.commit_seconds is not None:
-            print(f"built {built.path.name}: {len(args.layers)} layers, commit (indexes) {built.commit_seconds:.0f} s")
+            print(f"built {built.path.name}: {len(args.layers)} layers, appends (indexes grow meanwhile) "
+                  f"{built.append_seconds:.0f} s + commit {built.commit_seconds:.0f} s")
         with MemoryStore.open(built.path, readonly=True) as store:
             for layer in args.layers:
                 keys = reading.keys[layer][:, : args.tokens].float()

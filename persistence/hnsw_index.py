@@ -21,7 +21,11 @@ reasons, each handled here:
 
 mu, B and whether to collapse duplicates are fixed on the document's first `calibration_tokens`
 tokens, so the index is built while the document is still being read (`IndexBuilder`, fed by
-the writer's background thread); a later key beyond B simply joins the exact list.
+the writer's background thread); a later key beyond B simply joins the exact list. When the
+whole document is in, keys above the document's own (1 - exact_fraction) norm quantile that
+went into the graph are marked deleted there (they still route searches) and scored exactly:
+keys that sit at the top of the graph's norm range, such as the key of every window's first
+token, are hard to reach through the graph.
 """
 
 from __future__ import annotations
@@ -62,7 +66,9 @@ class IndexParams:
     # 0.02-0.2 recall per head on real keys; 3% added < 0.01.
     exact_fraction: float = 0.01
     # Tokens that fix the centre, the norm bound and duplicate collapsing before keys stream in.
-    calibration_tokens: int = 2048
+    # 2048 (four windows) set the bound above a cluster of window-start keys in one head of 98k
+    # tokens of a novel (recall 0.55 there); 8192 and the correction in `finish` both fix that.
+    calibration_tokens: int = 8192
     # Collapse identical keys when at least this share of the calibration keys are repeats
     # (layer 0: ~60%; other layers: < 1%, where a lookup per key would cost for nothing).
     duplicate_share: float = 0.1
@@ -103,13 +109,15 @@ class IndexExtras:
     """What a search needs besides the graph (saved as `layer<L>.h<H>.extra.npz`).
 
     centre (D,) and bound: how the indexed keys were transformed (kept for inspection);
-    exact_ids (S,): tokens scored exactly on every search; dup_ids (P,) and dup_of (P,): token
-    dup_ids[i] has the same key as token dup_of[i], which is indexed (or exact) in its place.
+    exact_ids (S,): tokens scored exactly on every search, of which deleted_ids (S' <= S) are
+    also in the graph, marked deleted; dup_ids (P,) and dup_of (P,): token dup_ids[i] has the
+    same key as token dup_of[i], which is indexed (or exact) in its place.
     """
 
     centre: np.ndarray
     bound: float
     exact_ids: np.ndarray
+    deleted_ids: np.ndarray
     dup_ids: np.ndarray
     dup_of: np.ndarray
 
@@ -117,19 +125,19 @@ class IndexExtras:
     def none(cls, dim: int) -> IndexExtras:
         """No centring, no exact list, no duplicates: documents indexed before format 2."""
         empty = np.zeros(0, np.int64)
-        return cls(np.zeros(dim, np.float32), float("nan"), empty, empty, empty.copy())
+        return cls(np.zeros(dim, np.float32), float("nan"), empty, empty, empty, empty)
 
     def save(self, path: Path) -> None:
         buffer = io.BytesIO()
         np.savez(buffer, centre=self.centre, bound=np.float64(self.bound), exact_ids=self.exact_ids,
-                 dup_ids=self.dup_ids, dup_of=self.dup_of)
+                 deleted_ids=self.deleted_ids, dup_ids=self.dup_ids, dup_of=self.dup_of)
         path.write_bytes(buffer.getvalue())
 
     @classmethod
     def load(cls, path: Path) -> IndexExtras:
         with np.load(path, allow_pickle=False) as data:
-            return cls(data["centre"], float(data["bound"]), data["exact_ids"].astype(np.int64),
-                       data["dup_ids"].astype(np.int64), data["dup_of"].astype(np.int64))
+            ids = {name: data[name].astype(np.int64) for name in ("exact_ids", "deleted_ids", "dup_ids", "dup_of")}
+            return cls(data["centre"], float(data["bound"]), **ids)
 
 
 @dataclass
@@ -148,6 +156,8 @@ class IndexBuilder:
     _seen: dict[bytes, int] | None = None  # key bytes -> first token with that key (if collapsing)
     _index: hnswlib.Index | None = None
     _exact: list[np.ndarray] = field(default_factory=list)
+    _graph: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (tokens, centred norms)
+    _exact_norms: list[np.ndarray] = field(default_factory=list)
     _dups: list[tuple[int, int]] = field(default_factory=list)  # (token, token it duplicates)
 
     def add(self, keys: np.ndarray) -> None:
@@ -191,11 +201,14 @@ class IndexBuilder:
                     self._dups.append((token, first))
             keys, tokens = keys[keep], tokens[keep]
         centred = _float32(keys) - self._centre
-        outside = np.einsum("nd,nd->n", centred, centred) > self._bound * self._bound
+        norms = np.sqrt(np.einsum("nd,nd->n", centred, centred))
+        outside = norms > self._bound
         self._exact.append(tokens[outside])
+        self._exact_norms.append(norms[outside])
         centred, tokens = centred[~outside], tokens[~outside]
         if len(tokens) == 0:
             return
+        self._graph.append((tokens, norms[~outside]))
         needed = self._index.get_current_count() + len(tokens)
         if needed > self._index.get_max_elements():
             self._index.resize_index(max(needed, 2 * self._index.get_max_elements()))
@@ -207,11 +220,28 @@ class IndexBuilder:
         if self._centre is None:
             self._calibrate()
         assert self._index is not None and self._centre is not None
+        deleted = self._delete_top_of_graph()
+        exact = np.concatenate([*self._exact, deleted]).astype(np.int64)
         dups = np.asarray(self._dups, dtype=np.int64).reshape(-1, 2)
-        extras = IndexExtras(self._centre.astype(np.float32), self._bound,
-                             np.concatenate(self._exact).astype(np.int64) if self._exact else np.zeros(0, np.int64),
+        extras = IndexExtras(self._centre.astype(np.float32), self._bound, exact, deleted,
                              dups[:, 0].copy(), dups[:, 1].copy())
         return self._index, extras
+
+    def _delete_top_of_graph(self) -> np.ndarray:
+        """Mark deleted the graph keys above the whole document's (1 - exact_fraction) norm
+        quantile (they go to the exact list); returns their tokens."""
+        if not self._graph:
+            return np.zeros(0, np.int64)
+        tokens = np.concatenate([t for t, _ in self._graph])
+        norms = np.concatenate([n for _, n in self._graph])
+        everything = np.concatenate([norms, *self._exact_norms])
+        bound = float(np.quantile(everything, 1 - self.params.exact_fraction))
+        deleted = tokens[norms > bound]
+        if len(deleted) >= len(tokens):  # keep the graph searchable
+            return np.zeros(0, np.int64)
+        for token in deleted.tolist():
+            self._index.mark_deleted(token)
+        return deleted.astype(np.int64)
 
 
 def _float32(keys: np.ndarray) -> np.ndarray:
@@ -229,7 +259,8 @@ class HnswIndex:
         self._index = index
         self.extras = extras
         self.num_tokens = num_tokens
-        self.count = 0 if index is None else index.get_current_count()  # keys in the graph
+        # Keys the graph can return (deleted ones still route searches).
+        self.count = 0 if index is None else index.get_current_count() - len(extras.deleted_ids)
         self._lock = threading.Lock()
         self._exact_keys: torch.Tensor | None = None  # (S, D) float32 keys of extras.exact_ids
         # Duplicates grouped by the token they duplicate: members[starts[i]:starts[i+1]] repeat groups[i].
@@ -241,7 +272,7 @@ class HnswIndex:
     @classmethod
     def load(cls, path: Path, extras: IndexExtras, head_dim: int, num_tokens: int) -> HnswIndex:
         """Load a saved graph; it must hold every token that is neither exact nor a duplicate."""
-        expected = num_tokens - len(extras.exact_ids) - len(extras.dup_ids)
+        expected = num_tokens - len(extras.exact_ids) + len(extras.deleted_ids) - len(extras.dup_ids)
         index = hnswlib.Index(space="l2", dim=head_dim + 1)
         index.load_index(str(path), max_elements=max(expected, 1))
         loaded = index.get_current_count()

@@ -377,7 +377,7 @@ class MemoryStore:
     ) -> PersistentMemory:
         """A searchable memory of one layer over some documents (ids or names; None = all ready ones).
 
-        ef: hnswlib search breadth (default 2k, always >= k). exact: scan every key instead of
+        ef: hnswlib search breadth (default `default_ef(k)`, always >= k). exact: scan every key instead of
         using the indexes (the reference path). exact_below: documents shorter than this many
         tokens are scanned exactly anyway (faster there). A damaged document raises
         CorruptDocumentError naming it; a memory over the other documents still works.

@@ -212,7 +212,7 @@ class DocumentWriter:
         self._counts[layer] += length
         # Converted here (a private copy: the caller may reuse its tensors), written and indexed
         # by the background thread.
-        stored_keys, stored_values = to_storage(keys, self.dtype), to_storage(values, self.dtype)
+        stored_keys, stored_values = (np.array(to_storage(array, self.dtype)) for array in (keys, values))
         file, builders = self._files[layer], self._builders[layer]
 
         def write() -> None:

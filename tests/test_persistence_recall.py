@@ -216,3 +216,24 @@ class _Recorder:
     def search(self, queries, k):
         self.queries.append(queries.detach().float().clone())
         return self.inner.search(queries, k)
+
+
+def test_keys_above_the_documents_own_norm_quantile_leave_the_graph_for_the_exact_list(tmp_path):
+    """The bound is fixed on the first calibration_tokens (here larger keys than the rest); at the
+    end the graph keys above the whole document's 99% norm quantile are deleted and scored exactly."""
+    keys, values = synth.doc_arrays(3, 6000, 0)
+    keys[:, :1024] *= 1.3
+    with MemoryStore.open(tmp_path, fingerprint=synth.fingerprint(mem_layers=[0])) as store:
+        with store.begin_document("drift", sha256="d", text_length=1,
+                                  index_params=IndexParams(calibration_tokens=1024)) as writer:
+            for start in range(0, 6000, 512):
+                writer.append(0, keys[:, start : start + 512], values[:, start : start + 512])
+        assert writer.record.index_params["layers"]["0"]["exact_keys"] == [60] * synth.KV_HEADS
+    with MemoryStore.open(tmp_path, readonly=True) as store:  # reloaded: deletions are saved
+        indexes = store.memory(0, exact_below=0)._parts[0].indexes
+        assert all(len(index.extras.deleted_ids) > 0 for index in indexes)
+        assert all(index.count + len(index.extras.exact_ids) == 6000 for index in indexes)
+        query = synth.queries(3, 16)
+        exact = store.memory(0, exact=True).search(query, 64)
+        approx = store.memory(0, exact_below=0).search(query, 64)
+    assert synth.recall(approx.token_ids[0].numpy(), exact.token_ids[0].numpy()) >= 0.95
