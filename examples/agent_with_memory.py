@@ -4,7 +4,7 @@ The agent is a `ReActAgent` (a CustomLLM is not function-calling) with two ways 
 a `FoTDocumentMemoryBlock` in its `Memory`, which puts the passages that the user's message
 draws memory attention to into the prompt on every turn, and the FoT query engine as a
 `QueryEngineTool`. The documents live in a store directory and the chat history in a SQLite
-file beside it, so a second process (the "restart") finds both. Without a command the example
+file in the same directory, so a second process (the "restart") finds both. Without a command the example
 runs two sessions, each as its own process.
 
 The agent's own LLM is the same small model without memory (`memory_docs=[]`): the ReAct prompt

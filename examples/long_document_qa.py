@@ -8,7 +8,7 @@ window; the response's `source_nodes` are the passages that drew the most memory
 Run it twice: the second run finds the novel already stored and answers at once.
 
     python examples/long_document_qa.py                  # chapters 1-4 (~6,200 tokens; minutes on 2 CPU cores)
-    python examples/long_document_qa.py --whole-novel    # all 61 chapters (~160k tokens; hours on a CPU, use --device cuda)
+    python examples/long_document_qa.py --whole-novel    # all 61 chapters (~168k tokens; hours on a CPU, use --device cuda)
     python examples/long_document_qa.py --document my.txt --question "The treasure is buried under the"
 """
 
