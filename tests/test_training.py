@@ -273,3 +273,19 @@ def test_shipped_fot_delta_is_small_and_names_its_memory_layers(smollm2):
     base = dict(smollm2.model.named_parameters())
     changed = {name for name, p in tuned.model.named_parameters() if not torch.equal(p, base[name])}
     assert changed == set(delta.tensors)
+
+
+@pytest.mark.slow
+def test_a_store_read_by_the_fot_model_keeps_only_its_memory_layers(smollm2, tmp_path):
+    from fot_memory_plugin.documents import DocumentMemory
+    from fot_memory_plugin.models import FOT_MODEL
+
+    text = (Path(__file__).resolve().parents[1] / "examples" / "data" / "pride_and_prejudice_ch1-4.txt").read_text()
+    with DocumentMemory.open(tmp_path / "store", model=FOT_MODEL) as memory:
+        layers = memory.engine.layers
+        record, fresh = memory.read_text(text[:3000], name="opening")
+    assert fresh and layers == (5, 9, 13, 17, 21, 25) and tuple(record.layers) == layers
+    with DocumentMemory.open(tmp_path / "store", readonly=True) as reopened:  # the store remembers the model
+        assert reopened.engine.layers == layers
+        answer = reopened.ask("Mr. Bennet's wife told him that Netherfield Park", chat=False, max_new_tokens=4)
+    assert answer.text and answer.sources and all(source.doc == "opening" for source in answer.sources)
