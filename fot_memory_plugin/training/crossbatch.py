@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from ..adapters import LayerAttentionCall
 
@@ -59,30 +60,33 @@ class CrossBatchAttention:
         rows, _, length, _ = call.query.shape
         if rows % 2:
             raise ValueError(f"Cross-batch training needs previous and current windows stacked (2N rows), got {rows} rows.")
+        if call.keys.shape[2] != length:
+            raise ValueError("Cross-batch training runs without a KV cache: call the model with use_cache=False.")
         docs = rows // 2
         previous, current = slice(0, docs), slice(docs, rows)
-        allowed = call.allowed.expand(rows, 1, length, call.keys.shape[2])
 
-        previous_output = _attend(call.query[previous], call.keys[previous], call.values[previous],
-                                  allowed[previous], call.scaling)
+        previous_output = _attend(call.query[previous], call.keys[previous], call.values[previous], call.scaling)
         memory_keys = cross_batch_memory(call.new_keys[previous], self.group_size)  # (N, Hkv, d*W, D), position 0
         memory_values = cross_batch_memory(call.new_values[previous], self.group_size)
-        keys = torch.cat([memory_keys, call.keys[current]], dim=2)  # (N, Hkv, d*W + S, D)
+        keys = torch.cat([memory_keys, call.keys[current]], dim=2)  # (N, Hkv, d*W + T, D)
         values = torch.cat([memory_values, call.values[current]], dim=2)
-        sees_memory = allowed.new_ones(docs, 1, length, memory_keys.shape[2])
-        current_output = _attend(call.query[current], keys, values,
-                                 torch.cat([sees_memory, allowed[current]], dim=-1), call.scaling)
+        current_output = _attend(call.query[current], keys, values, call.scaling)
         return torch.cat([previous_output, current_output], dim=0)
 
 
-def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
-            scaling: float) -> torch.Tensor:
-    """Softmax attention (B, Hq, T, D) over (B, Hkv, S, D) keys with a bool (B, 1, T, S) mask.
+def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention (B, Hq, T, D) over (B, Hkv, S, D) keys whose last T are the queries' own positions
+    (causal) and whose first S - T (memory) every query sees.
 
-    Key/value heads are repeated for the query heads: the fused kernels that take a mask do not
-    all take grouped heads, and training needs the fused memory-efficient kernel.
+    That is a causal mask aligned to the bottom-right corner: passed as a `CausalBias`, not a mask
+    tensor, so the flash kernel runs on a GPU (windows are full: training batches carry no
+    padding). Key/value heads are repeated for the query heads: that kernel takes no groups.
     """
     repeats = query.shape[1] // keys.shape[1]
+    # Under autocast the rotated query and keys come out float32 while values are bf16; the
+    # CausalBias path bypasses autocast's casting, so match them here as autocast would.
+    query, keys = query.to(values.dtype), keys.to(values.dtype)
     keys = keys.repeat_interleave(repeats, dim=1)
     values = values.repeat_interleave(repeats, dim=1)
-    return F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, scale=scaling)
+    mask = causal_lower_right(query.shape[2], keys.shape[2])
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling)
