@@ -58,6 +58,8 @@ def parse_args() -> argparse.Namespace:
                         help="store search ef (default: 64 and the store's default for the default top_k)")
     parser.add_argument("--exact-sizes", type=int, nargs="*", default=[100_000], help="also exact in-RAM memory")
     parser.add_argument("--rebuild", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 on an oversubscribed "
+                        "machine, where every tiny op of a 2-thread pool waits for a descheduled thread")
     return parser.parse_args()
 
 
@@ -238,6 +240,8 @@ def table(variants: list[Variant], timings: dict[str, Timing], k: int) -> str:
 
 def main() -> None:
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = MemoryConfig()
     loaded, engine = rk.load_engine(config)
     num_layers = len(engine.layers)

@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 _INITIAL_CAPACITY = 4096  # graph slots allocated first; doubled as keys arrive
 _PARALLEL_ROWS = 4096  # add_items calls at least this big use every core (smaller: one thread)
+_PARALLEL_QUERIES = 32  # knn_query calls with at least this many queries use every core
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,9 @@ class IndexExtras:
     @classmethod
     def load(cls, path: Path) -> IndexExtras:
         with np.load(path, allow_pickle=False) as data:
-            ids = {name: data[name].astype(np.int64) for name in ("exact_ids", "deleted_ids", "dup_ids", "dup_of")}
+            # deleted_ids came a commit after the first format-2 files (absent there: none deleted).
+            ids = {name: data[name].astype(np.int64) if name in data.files else np.zeros(0, np.int64)
+                   for name in ("exact_ids", "deleted_ids", "dup_ids", "dup_of")}
             return cls(data["centre"], float(data["bound"]), **ids)
 
 
@@ -312,7 +315,9 @@ class HnswIndex:
         with self._lock:
             self._index.set_ef(max(ef, k))
             try:
-                labels, _ = self._index.knn_query(data, k=k, num_threads=num_threads())
+                # A decode step's few queries: one thread (waking a pool costs more than it saves).
+                threads = num_threads() if len(data) >= _PARALLEL_QUERIES else 1
+                labels, _ = self._index.knn_query(data, k=k, num_threads=threads)
             except RuntimeError as error:
                 logger.warning("hnswlib search failed (%s); falling back to exact search", error)
                 return None
