@@ -75,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(passkey)
     _add_memory_options(passkey)
     passkey.set_defaults(handler=_eval_passkey)
+    perplexity = tasks.add_parser("perplexity", help="a text's last tokens' perplexity vs tokens in memory")
+    perplexity.add_argument("text", metavar="PATH", help="a long plain-text file (hold it out of training)")
+    perplexity.add_argument("--memory-sizes", type=int, nargs="+", default=[0, 2048, 8192, 32768],
+                            help="tokens read into memory before the scored ones")
+    perplexity.add_argument("--scored", type=int, default=2048, help="tokens scored at the end of the text")
+    perplexity.add_argument("--json", action="store_true", help="print one JSON object with every result")
+    _add_model_options(perplexity)
+    _add_memory_options(perplexity)
+    perplexity.set_defaults(handler=_eval_perplexity)
     _add_store_commands(commands)
     _add_train_command(commands)
     return parser
@@ -317,6 +326,24 @@ def _eval_passkey(args: argparse.Namespace) -> int:
     else:
         for (memory, length, depth), (correct, total) in sorted(accuracy_table(results).items()):
             print(f"{'memory' if memory else 'truncated':9} ~{length:>6} tok depth {depth:.2f}: {correct}/{total}")
+    return 0
+
+
+def _eval_perplexity(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .perplexity import memory_perplexity
+
+    engine = _engine(args)
+    ids = engine.encode(Path(args.text).read_text(encoding="utf-8"))
+    results = [memory_perplexity(engine, ids, 0, args.scored, truncated=True)]
+    results += [memory_perplexity(engine, ids, size, args.scored) for size in args.memory_sizes]
+    if args.json:
+        print(json.dumps({"results": [result.to_dict() for result in results]}))
+        return 0
+    for result in results:
+        kind = "truncated" if result.truncated else f"{result.memory_tokens:>7} in memory"
+        print(f"{kind:>17}: perplexity {result.perplexity:8.2f} over {result.scored_tokens} predictions")
     return 0
 
 

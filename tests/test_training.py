@@ -289,3 +289,15 @@ def test_a_store_read_by_the_fot_model_keeps_only_its_memory_layers(smollm2, tmp
         assert reopened.engine.layers == layers
         answer = reopened.ask("Mr. Bennet's wife told him that Netherfield Park", chat=False, max_new_tokens=4)
     assert answer.text and answer.sources and all(source.doc == "opening" for source in answer.sources)
+
+
+@pytest.mark.slow
+def test_eval_perplexity_command(smollm2, capsys):
+    from fot_memory_plugin.cli import main
+
+    text = Path(__file__).resolve().parents[1] / "examples" / "data" / "pride_and_prejudice_ch1-4.txt"
+    assert main(["eval", "perplexity", str(text), "--memory-sizes", "512", "--scored", "256", "--local-window", "128",
+                 "--model", "smollm2-fot", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert [r["truncated"] for r in results] == [True, False] and results[1]["memory_tokens"] == 512
+    assert all(1 < r["perplexity"] < 1000 and r["scored_tokens"] == 2 * 127 for r in results)
