@@ -17,6 +17,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 TINY_VOCAB = 128
+# A real document and a completion whose answer lies in its first chapter.
+BOOK = Path(__file__).resolve().parents[1] / "examples" / "data" / "pride_and_prejudice_ch1-4.txt"
+QUESTION = "Netherfield Park is let at last, to a young man named Mr."
 
 
 def tiny_llama(num_layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0, **overrides) -> LlamaForCausalLM:
@@ -51,3 +54,18 @@ def smollm2():
     from fot_memory_plugin.models import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2) -> Path:
+    """A 2-layer random Llama saved with SmolLM2's tokenizer (and chat template), loadable by path."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(smollm2.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=smollm2.tokenizer.eos_token_id, bos_token_id=smollm2.tokenizer.bos_token_id,
+    )
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(directory)
+    smollm2.tokenizer.save_pretrained(directory)
+    return directory

@@ -8,33 +8,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import BOOK, QUESTION
 from fot_memory_plugin import MemoryConfig
 
-__all__ = ["CONFIG", "QUESTION", "BOOK", "tiny_model_dir", "library", "store_dir", "fresh_store", "read_library"]
+__all__ = ["CONFIG", "QUESTION", "BOOK", "library", "store_dir", "fresh_store", "read_library"]
 
 ROOT = Path(__file__).resolve().parents[1]
-BOOK = ROOT / "examples" / "data" / "pride_and_prejudice_ch1-4.txt"
 PERSUASION = ROOT.parent / "shared" / "data" / "books" / "persuasion.txt"
 CONFIG = MemoryConfig(local_window=64, top_k=8, mem_dtype="float16", retrieval="exact")
-QUESTION = "Netherfield Park is let at last, to a young man named Mr."
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smollm2) -> Path:
-    """A 2-layer random Llama saved with SmolLM2's tokenizer (and chat template)."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(smollm2.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        eos_token_id=smollm2.tokenizer.eos_token_id, bos_token_id=smollm2.tokenizer.bos_token_id,
-    )
-    directory = tmp_path_factory.mktemp("tiny-llama-li")
-    LlamaForCausalLM(config).save_pretrained(directory)
-    smollm2.tokenizer.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import BOOK, QUESTION
 from fot_memory_plugin import MemoryConfig, MemoryEngine
 from fot_memory_plugin.documents import DocumentMemory
 from fot_memory_plugin.errors import (
@@ -22,24 +22,7 @@ from fot_memory_plugin.errors import (
     NoDocumentsError,
 )
 
-BOOK = Path(__file__).resolve().parents[1] / "examples" / "data" / "pride_and_prejudice_ch1-4.txt"
 CONFIG = MemoryConfig(local_window=64, top_k=8, mem_dtype="float16", retrieval="exact")
-QUESTION = "Netherfield Park is let at last, to a young man named Mr."
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smollm2) -> Path:
-    """A 2-layer random Llama saved with SmolLM2's tokenizer, loadable by path like any checkpoint."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(smollm2.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        eos_token_id=smollm2.tokenizer.eos_token_id, bos_token_id=smollm2.tokenizer.bos_token_id,
-    )
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(directory)
-    smollm2.tokenizer.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")
