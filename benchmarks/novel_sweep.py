@@ -1,13 +1,20 @@
-"""Whole-novel QA, zero-shot: read a novel into in-RAM exact memory once per config, ask completions.
+"""Whole-novel QA: read a novel into in-RAM exact memory once per config, ask completions.
 
-    HF_HUB_OFFLINE=1 python benchmarks/novel_sweep.py ../shared/data/books/northangerabbey.txt   # GPU: ~50 s per config
+    HF_HUB_OFFLINE=1 python benchmarks/novel_sweep.py ../shared/data/books/northangerabbey.txt              # zero-shot, 30 layers
+    HF_HUB_OFFLINE=1 python benchmarks/novel_sweep.py ../shared/data/books/northangerabbey.txt --model smollm2-fot
 
-Writes $OUT/novel_sweep.json (OUT defaults to benchmarks/out). Six completion-form questions
-whose answers lie far outside the local window; the no-memory control shows what the model
-knows without the book.
+GPU: ~50 s per config. Writes $OUT/novel_sweep-<model>.json (OUT defaults to benchmarks/out).
+Six completion-form questions whose answers lie far outside the local window (the book was held
+out of FoT training); the no-memory control shows what the model knows without the book.
 """
-import sys, time, json, os
+import argparse
+import dataclasses
+import json
+import os
+import time
+
 import torch
+
 from fot_memory_plugin import MemoryConfig, MemoryEngine, load_model
 
 QUESTIONS = [
@@ -18,11 +25,24 @@ QUESTIONS = [
     ("Isabella Thorpe became engaged to Catherine's brother,", "james"),
     ("The Tilneys invited Catherine to stay with them at their home, which was called", "northanger"),
 ]
-book = open(sys.argv[1], encoding="utf-8").read()
-loaded = load_model("smollm2", device="cuda" if torch.cuda.is_available() else "cpu")
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("book")
+parser.add_argument("--model", default="smollm2", help="'smollm2' (zero-shot) or 'smollm2-fot' (its own memory layers)")
+parser.add_argument("--top-k", type=int, nargs="+", default=[32, 128])
+parser.add_argument("--questions", help="a JSON list of [question, expected answer] (default: the Northanger Abbey six)")
+args = parser.parse_args()
+if args.questions:
+    QUESTIONS = [tuple(item) for item in json.load(open(args.questions, encoding="utf-8"))]
+
+book = open(args.book, encoding="utf-8").read()
+loaded = load_model(args.model, device="cuda" if torch.cuda.is_available() else "cpu")
+base = loaded.memory_config or MemoryConfig()
+configs = [dataclasses.replace(base, top_k=k) for k in args.top_k]
+if loaded.memory_config is None:  # zero-shot: also InfLLM's fixed mode
+    configs.append(dataclasses.replace(base, top_k=8, positional_mode="fixed"))
 results = {}
-for mode, k, layers in [("zero", 32, None), ("zero", 8, None), ("fixed", 8, None), ("zero", 128, None)]:
-    config = MemoryConfig(top_k=k, positional_mode=mode, mem_layers=layers)
+for config in configs:
     with MemoryEngine(loaded.model, loaded.tokenizer, config) as engine:
         started = time.time()
         engine.read(book)
@@ -31,10 +51,12 @@ for mode, k, layers in [("zero", 32, None), ("zero", 8, None), ("fixed", 8, None
         for question, expected in QUESTIONS:
             answer = engine.answer(question, chat=False, max_new_tokens=8)
             answers.append((expected in answer.lower(), answer))
-        name = f"{mode}-k{k}"
+        name = f"{config.positional_mode}-k{config.top_k}"
         results[name] = answers
         print(name, f"read {read_s:.0f}s", sum(ok for ok, _ in answers), "/", len(answers), answers, flush=True)
 with MemoryEngine(loaded.model, loaded.tokenizer) as engine:
     control = [(e in (a := engine.answer(q, chat=False, max_new_tokens=8)).lower(), a) for q, e in QUESTIONS]
 print("no memory", sum(ok for ok, _ in control), control)
-json.dump({"results": results, "control": control}, open(os.path.join(os.environ.get("OUT", "benchmarks/out"), "novel_sweep.json"), "w"), indent=1)
+book_name = os.path.splitext(os.path.basename(args.book))[0]
+out = os.path.join(os.environ.get("OUT", "benchmarks/out"), f"novel_sweep-{book_name}-{args.model}.json")
+json.dump({"model": args.model, "results": results, "control": control}, open(out, "w"), indent=1)

@@ -279,12 +279,13 @@ def test_shipped_fot_delta_is_small_and_names_its_memory_layers(smollm2):
 def test_a_store_read_by_the_fot_model_keeps_only_its_memory_layers(smollm2, tmp_path):
     from fot_memory_plugin.documents import DocumentMemory
     from fot_memory_plugin.models import FOT_MODEL
+    from fot_memory_plugin.training import DEFAULT_MEM_LAYERS
 
     text = (Path(__file__).resolve().parents[1] / "examples" / "data" / "pride_and_prejudice_ch1-4.txt").read_text()
     with DocumentMemory.open(tmp_path / "store", model=FOT_MODEL) as memory:
         layers = memory.engine.layers
         record, fresh = memory.read_text(text[:3000], name="opening")
-    assert fresh and layers == (5, 9, 13, 17, 21, 25) and tuple(record.layers) == layers
+    assert fresh and layers == DEFAULT_MEM_LAYERS and tuple(record.layers) == layers
     with DocumentMemory.open(tmp_path / "store", readonly=True) as reopened:  # the store remembers the model
         assert reopened.engine.layers == layers
         answer = reopened.ask("Mr. Bennet's wife told him that Netherfield Park", chat=False, max_new_tokens=4)
