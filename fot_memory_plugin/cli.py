@@ -166,6 +166,9 @@ def _add_store_commands(commands: argparse._SubParsersAction) -> None:
     read.add_argument("--model", help="model for a NEW store: 'smollm2' (default), 'smollm2-fot' or a local model path")
     read.add_argument("--mem-layers", help="memory layers for a new store: all (default) | 0,5,10 | 0-14")
     read.add_argument("--local-window", type=int, help="reading window for a new store (default 512)")
+    read.add_argument("--no-retrieval", action="store_true",
+                      help="read each window without retrieval: the plain model's speed; fine for a FoT-tuned "
+                           "model (its training computes memory keys so), not for a zero-shot one")
     _device_option(read)
     read.set_defaults(handler=_read)
 
@@ -178,6 +181,8 @@ def _add_store_commands(commands: argparse._SubParsersAction) -> None:
     ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     ask.add_argument("--sources", type=int, default=3, help="passages to cite")
     ask.add_argument("--json", action="store_true", help='print {"answer": ..., "sources": [...]}')
+    ask.add_argument("--exact", action="store_true",
+                     help="scan every stored key instead of the hnswlib indexes (the reference; slower)")
     _device_option(ask)
     ask.set_defaults(handler=_ask)
 
@@ -226,7 +231,8 @@ def _read(args: argparse.Namespace) -> int:
     stored = []
     with _open_documents(args) as memory:
         for path in args.paths:
-            record, fresh = memory.read_file(path, name=args.name, force=args.force, progress=not args.json)
+            record, fresh = memory.read_file(path, name=args.name, force=args.force, progress=not args.json,
+                                             retrieve=not args.no_retrieval)
             stored.append(_record_dict(record) | {"read_now": fresh})
             if not args.json:
                 verb = "read" if fresh else "already stored (use --force to read again)"
@@ -241,7 +247,7 @@ def _ask(args: argparse.Namespace) -> int:
         on_text = (lambda piece: print(piece, end="", flush=True)) if args.stream and not args.json else None
         answer = memory.ask(
             args.question, docs=args.doc, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
-            on_text=on_text, num_sources=args.sources,
+            on_text=on_text, num_sources=args.sources, exact=args.exact,
         )
     if args.json:
         print(json.dumps(answer.to_dict()))

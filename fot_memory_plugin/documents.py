@@ -161,11 +161,15 @@ class DocumentMemory:
         force: bool = False,
         progress: bool = False,
         metadata: dict[str, Any] | None = None,
+        retrieve: bool = True,
     ) -> tuple[DocumentRecord, bool]:
         """Read text into the store; returns (record, whether it was read now).
 
         Text already stored (same sha256; the store's model and config are fixed) is not read
         again unless force=True, which also replaces a document of the same name atomically.
+        retrieve=False reads each window without retrieval (MemoryEngine.read): as fast as the
+        plain model, and how FoT training computes memory keys; a zero-shot model loses the
+        passkey that way.
         """
         if not text.strip():
             raise DocumentInputError(f"Document {name!r} is empty: there is nothing to read.")
@@ -189,7 +193,7 @@ class DocumentMemory:
 
             self.engine.reset()
             try:
-                self.engine.read(ids, progress=progress, on_window=to_store)
+                self.engine.read(ids, retrieve=retrieve, progress=progress, on_window=to_store)
             finally:
                 self.engine.reset()
         return writer.record, True
@@ -205,11 +209,16 @@ class DocumentMemory:
         chat: bool = True,
         on_text: Callable[[str], None] | None = None,
         num_sources: int = 3,
+        exact: bool = False,
         **generate_options: Any,
     ) -> Answer:
-        """Answer from the documents named in `docs` (ids or names; None: all), with sources."""
+        """Answer from the documents named in `docs` (ids or names; None: all), with sources.
+
+        exact=True scans every stored key instead of searching the hnswlib indexes: the
+        reference, slower on large stores.
+        """
         records, prompt = self._records_and_prompt(question, docs, chat)
-        with self._attending(records) as (memories, attention):
+        with self._attending(records, exact) as (memories, attention):
             text = self._generate(prompt, max_new_tokens, on_text, generate_options)
         return Answer(text, self._sources(memories, records, attention, num_sources))
 
@@ -241,9 +250,9 @@ class DocumentMemory:
         return records, prompt
 
     @contextlib.contextmanager
-    def _attending(self, records: list[DocumentRecord]) -> Iterator[tuple[dict, torch.Tensor]]:
+    def _attending(self, records: list[DocumentRecord], exact: bool = False) -> Iterator[tuple[dict, torch.Tensor]]:
         """Memory over `records` attached to the engine; yields (memories, attention per memory token)."""
-        exact = self.engine.config.retrieval == "exact"
+        exact = exact or self.engine.config.retrieval == "exact"
         memories = {layer: self.store.memory(layer, [r.id for r in records], exact=exact) for layer in self.engine.layers}
         attention = torch.zeros(len(next(iter(memories.values()))), dtype=torch.float64)
 

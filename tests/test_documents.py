@@ -57,6 +57,9 @@ def test_answers_from_disk_in_a_new_process_equal_the_in_ram_exact_memory(store_
         engine.read(document.read_text(encoding="utf-8"))
         expected = engine.answer(QUESTION, chat=False, max_new_tokens=8)
     assert answer["answer"] == expected
+    scanned = json.loads(_cli("ask", QUESTION, "--store", str(store_dir), "--no-chat", "--max-new-tokens", "8",
+                              "--exact", "--json").stdout)
+    assert scanned["answer"] == expected
     text = document.read_text(encoding="utf-8")
     assert answer["sources"], "an answer from memory cites the passages it attended to"
     for source in answer["sources"]:
@@ -76,6 +79,25 @@ def test_stored_retrieval_equals_in_ram_retrieval(store_dir, tiny_model_dir, doc
             assert torch.equal(stored[0], in_ram[0])
             torch.testing.assert_close(stored[1], in_ram[1])
             torch.testing.assert_close(stored[2], in_ram[2])
+
+
+def test_reading_without_retrieval_stores_what_the_engine_reads_without_retrieval(tmp_path, tiny_model_dir, document):
+    text = document.read_text(encoding="utf-8")
+    queries = torch.randn(1, 4, 5, 8, generator=torch.Generator().manual_seed(0))
+    with DocumentMemory.open(tmp_path / "store", model=str(tiny_model_dir), config=CONFIG) as memory:
+        memory.read_text(text, name="fast", retrieve=False)
+        engine = memory.engine
+        engine.read(text, retrieve=False)
+        without = {layer: engine.memories[layer].keys.clone() for layer in engine.layers}
+        for layer in engine.layers:
+            stored = _sorted_by_id(memory.store.memory(layer, exact=True).search(queries, 8))
+            in_ram = _sorted_by_id(engine.memories[layer].search(queries, 8))
+            assert torch.equal(stored[0], in_ram[0])
+            torch.testing.assert_close(stored[1], in_ram[1])
+        engine.reset()
+        engine.read(text)  # with retrieval: every layer after the first sees memory, so its keys change
+        changed = [not torch.equal(engine.memories[layer].keys, without[layer]) for layer in engine.layers]
+    assert changed[0] is False and all(changed[1:])
 
 
 def _sorted_by_id(hits):
