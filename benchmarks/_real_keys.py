@@ -57,9 +57,13 @@ class Reading:
             yield {layer: (self.keys[layer][:, begin:stop], self.values[layer][:, begin:stop]) for layer in layers}
 
 
-def load_engine(config: MemoryConfig, memories: Mapping[int, Memory] | None = None) -> tuple[LoadedModel, MemoryEngine]:
-    """The default model (SmolLM2-135M, float32) with memory attached under `config`."""
-    loaded = load_model()
+def load_engine(config: MemoryConfig, memories: Mapping[int, Memory] | None = None, model: str = "smollm2"
+                ) -> tuple[LoadedModel, MemoryEngine]:
+    """SmolLM2-135M (float32; "smollm2-fot" for the FoT-tuned one, in its own memory layers) with
+    memory attached under `config`."""
+    loaded = load_model(model)
+    if loaded.memory_config is not None:
+        config = config.replace(mem_layers=loaded.memory_config.mem_layers)
     return loaded, MemoryEngine(loaded.model, loaded.tokenizer, config, memories=memories)
 
 

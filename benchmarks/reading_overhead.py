@@ -4,7 +4,7 @@ persistent store, over the same windows of a real book, variants interleaved in 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/reading_overhead.py
     # = --tokens 8192 --repeats 2 --book persuasion.txt (SmolLM2-135M float32, store defaults)
 
-Variants (memory in all 30 layers, local window 512, top_k 32, float16 memory as the store keeps):
+Variants (memory in all 30 layers, or a FoT model's own layers, local window 512, top_k 32, float16 memory as the store keeps):
   plain                 the unpatched decoder over the windows (no memory at all)
   RAM, no retrieval     memory reading that appends each window's keys/values, retrieving nothing
   store, no retrieval   the same, each window also written to a store document (DocumentWriter):
@@ -38,6 +38,7 @@ from fot_memory_plugin.persistence import MemoryStore
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[8192])
+    parser.add_argument("--model", default="smollm2", help="'smollm2' (memory in all 30 layers) or 'smollm2-fot' (its 5)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--book", type=Path, default=rk.BOOK)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's); with 1 on 2 cores the "
@@ -101,7 +102,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = STORE_DEFAULTS.replace(retrieval="exact")  # reading retrieves from RAM in both cases
-    loaded, engine = rk.load_engine(config)
+    loaded, engine = rk.load_engine(config, model=args.model)
     fingerprint = rk.fingerprint(loaded, config, engine.layers)
     book_ids = rk.book_ids(engine, args.book)[None]
     engine.read(book_ids[:, : config.local_window])  # warm-up

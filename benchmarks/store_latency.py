@@ -29,7 +29,7 @@ import argparse
 import contextlib
 import statistics
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +37,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 import _real_keys as rk
-from fot_memory_plugin import ExactMemory, MemoryConfig, MemoryEngine
+from fot_memory_plugin import ExactMemory, MemoryConfig, MemoryEngine, load_model
 from fot_memory_plugin.memory import Memory
 from fot_memory_plugin.persistence import MemoryStore, default_ef
 
@@ -58,6 +58,8 @@ def parse_args() -> argparse.Namespace:
                         help="store search ef (default: 64 and the store's default for the default top_k)")
     parser.add_argument("--exact-sizes", type=int, nargs="*", default=[100_000], help="also exact in-RAM memory")
     parser.add_argument("--rebuild", action="store_true")
+    parser.add_argument("--model", default="smollm2", help="the model that generates: 'smollm2' (memory in all 30 "
+                        "layers) or 'smollm2-fot' (memory in its 5); stores always hold the base model's keys")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 on an oversubscribed "
                         "machine, where every tiny op of a 2-thread pool waits for a descheduled thread")
     return parser.parse_args()
@@ -203,22 +205,23 @@ def recall_in_situ(variant: Variant, timing: Timing, k: int) -> float | None:
 # ---- variants and the table -----------------------------------------------------------------
 
 
-def aliased(memories: Mapping[int, Memory], num_layers: int) -> dict[int, Memory]:
-    """Every model layer retrieves from the stored layer nearest to it (a stored layer from its own keys)."""
+def aliased(memories: Mapping[int, Memory], mem_layers: Sequence[int]) -> dict[int, Memory]:
+    """Every memory layer retrieves from the stored layer nearest to it (a stored layer from its own keys)."""
     stored = sorted(memories)
-    return {layer: memories[min(stored, key=lambda s: abs(s - layer))] for layer in range(num_layers)}
+    return {layer: memories[min(stored, key=lambda s: abs(s - layer))] for layer in mem_layers}
 
 
 def size_label(size: int) -> str:
     return f"{size // 1000}k" if size < 1_000_000 else f"{size / 1e6:g}M"
 
 
-def store_variants(store: MemoryStore, size: int, layers: list[int], efs: list[int], num_layers: int) -> list[Variant]:
+def store_variants(store: MemoryStore, size: int, layers: list[int], efs: list[int], mem_layers: Sequence[int]
+                   ) -> list[Variant]:
     """The store's HNSW search (exact=False) in every layer, at each ef."""
     reference = {layer: store.memory(layer, exact=True) for layer in layers}
     default = default_ef(MemoryConfig().top_k)
     return [Variant(f"store HNSW {size_label(size)}, ef={ef}" + (" (store default)" if ef == default else ""),
-                    aliased({layer: store.memory(layer, ef=ef) for layer in layers}, num_layers), reference)
+                    aliased({layer: store.memory(layer, ef=ef) for layer in layers}, mem_layers), reference)
             for ef in efs]
 
 
@@ -244,7 +247,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     config = MemoryConfig()
     loaded, engine = rk.load_engine(config)
-    num_layers = len(engine.layers)
+    generator = loaded if args.model == "smollm2" else load_model(args.model)
+    mem_layers = (generator.memory_config.mem_layers if generator.memory_config is not None
+                  else range(loaded.model.config.num_hidden_layers))
     reading = rk.read_book(engine, args.base_tokens)
     prompt = rk.prompts(engine, rk.book_ids(engine), after=reading.num_tokens, length=args.prompt_tokens)[1][1]
     engine.close()
@@ -256,12 +261,13 @@ def main() -> None:
         store = MemoryStore.open(build_tiled(args, loaded, config, reading, size, layers).path, readonly=True)
         stores.append(store)
         if size in args.exact_sizes:
-            exact = aliased(exact_memories(args, reading, size, layers), num_layers)
+            exact = aliased(exact_memories(args, reading, size, layers), mem_layers)
             variants.append(Variant(f"exact in-RAM {size_label(size)}", exact))
-        variants += store_variants(store, size, layers, args.efs, num_layers)
-    timings = measure(loaded.model, loaded.tokenizer, variants, prompt, args, counter)
+        variants += store_variants(store, size, layers, args.efs, mem_layers)
+    timings = measure(generator.model, generator.tokenizer, variants, prompt, args, counter)
     print(f"\nSmolLM2-135M float32, {torch.get_num_threads()} threads; prompt {prompt.shape[1]} tokens, "
-          f"{args.new_tokens} new tokens greedy, top_k {config.top_k}, memory in all {num_layers} layers, "
+          f"{args.new_tokens} new tokens greedy, top_k {config.top_k}, {args.model} with memory in layers "
+          f"{','.join(map(str, mem_layers)) if len(mem_layers) < 30 else 'all 30'}, "
           f"ms/token = median gap between tokens, best of {args.repeats}; memory: "
           f"{args.base_tokens} real tokens of {rk.BOOK.name} tiled, noise {args.noise:g} x std\n")
     print(table(variants, timings, config.top_k))
