@@ -62,9 +62,7 @@ def load_engine(config: MemoryConfig, memories: Mapping[int, Memory] | None = No
     """SmolLM2-135M (float32; "smollm2-fot" for the FoT-tuned one, in its own memory layers) with
     memory attached under `config`."""
     loaded = load_model(model)
-    if loaded.memory_config is not None:
-        config = config.replace(mem_layers=loaded.memory_config.mem_layers)
-    return loaded, MemoryEngine(loaded.model, loaded.tokenizer, config, memories=memories)
+    return loaded, MemoryEngine(loaded.model, loaded.tokenizer, loaded.memory_config_for(config), memories=memories)
 
 
 def book_ids(engine: MemoryEngine, book: Path = BOOK) -> torch.Tensor:

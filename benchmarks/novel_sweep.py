@@ -37,7 +37,7 @@ if args.questions:
 
 book = open(args.book, encoding="utf-8").read()
 loaded = load_model(args.model, device="cuda" if torch.cuda.is_available() else "cpu")
-base = loaded.memory_config or MemoryConfig()
+base = loaded.memory_config_for(MemoryConfig())
 configs = [dataclasses.replace(base, top_k=k) for k in args.top_k]
 if loaded.memory_config is None:  # zero-shot: also InfLLM's fixed mode
     configs.append(dataclasses.replace(base, top_k=8, positional_mode="fixed"))

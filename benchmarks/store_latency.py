@@ -267,7 +267,7 @@ def main() -> None:
     timings = measure(generator.model, generator.tokenizer, variants, prompt, args, counter)
     print(f"\nSmolLM2-135M float32, {torch.get_num_threads()} threads; prompt {prompt.shape[1]} tokens, "
           f"{args.new_tokens} new tokens greedy, top_k {config.top_k}, {args.model} with memory in layers "
-          f"{','.join(map(str, mem_layers)) if len(mem_layers) < 30 else 'all 30'}, "
+          f"{','.join(map(str, mem_layers)) if generator.memory_config is not None else 'all'}, "
           f"ms/token = median gap between tokens, best of {args.repeats}; memory: "
           f"{args.base_tokens} real tokens of {rk.BOOK.name} tiled, noise {args.noise:g} x std\n")
     print(table(variants, timings, config.top_k))

@@ -115,12 +115,8 @@ class DocumentMemory:
         loaded = load_model(load_as, device=device)
         if config is None and recorded:
             config = STORE_DEFAULTS.replace(**_as_config_fields(recorded["memory_config"]))
-        elif config is None and loaded.memory_config is not None:  # a FoT-tuned model reads with its own layers
-            trained = loaded.memory_config
-            config = STORE_DEFAULTS.replace(mem_layers=trained.mem_layers, local_window=trained.local_window,
-                                            positional_mode=trained.positional_mode)
-        elif config is None:
-            config = STORE_DEFAULTS
+        elif config is None:  # a new store: a FoT-tuned model reads with its own layers
+            config = loaded.memory_config_for(STORE_DEFAULTS)
         engine = MemoryEngine(loaded.model, loaded.tokenizer, config)
         fingerprint = {
             "load_as": load_as,

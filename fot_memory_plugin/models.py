@@ -116,6 +116,15 @@ class LoadedModel:
     # for a model used zero-shot.
     memory_config: MemoryConfig | None = None
 
+    def memory_config_for(self, base: MemoryConfig) -> MemoryConfig:
+        """`base` with what a FoT delta was trained for (memory layers, window, positional mode);
+        `base` itself for a model used zero-shot."""
+        trained = self.memory_config
+        if trained is None:
+            return base
+        return base.replace(mem_layers=trained.mem_layers, local_window=trained.local_window,
+                            positional_mode=trained.positional_mode)
+
 
 def default_cache_dir() -> Path:
     """The directory for fot-memory's caches: `$FOT_MEMORY_CACHE`, else the user cache dir."""
