@@ -325,7 +325,8 @@ class DocumentWriter:
             metadata=self.metadata, text_length=self.text_length, dtype=self.dtype,
             kv_heads=self._kv_heads, head_dim=self._head_dim, layers=tuple(sorted(self._files)),
             index_params={**self.index_params.to_dict(),
-                          "space": "l2 over centred keys + sqrt(B^2 - |k - mu|^2); beyond B exact; duplicates collapsed",
+                          "space": "l2 over centred keys + sqrt(B^2 - |k - mu|^2); beyond B exact; duplicates collapsed; "
+                                   "window starts exact",
                           "layers": summary},
             files=files,
         )

@@ -57,6 +57,14 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def smollm2_fot():
+    """The shipped FoT-tuned model: SmolLM2 with the smollm2-fot delta (memory in its 5 trained layers)."""
+    from fot_memory_plugin.models import load_model
+
+    return load_model("smollm2-fot")
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2) -> Path:
     """A 2-layer random Llama saved with SmolLM2's tokenizer (and chat template), loadable by path."""
     torch.manual_seed(0)

@@ -112,7 +112,8 @@ def test_keys_with_outlying_norms_are_scored_exactly(tmp_path):
     with MemoryStore.open(tmp_path, fingerprint=synth.fingerprint(mem_layers=[0])) as store:
         with store.begin_document("outliers", sha256="o", text_length=1) as writer:
             writer.append(0, keys, values)
-        assert writer.record.index_params["layers"]["0"]["exact_keys"] == [30] * synth.KV_HEADS  # 1%
+        # 1% of the 2999 keys after the window's first (itself exact too), so 30 + 1.
+        assert writer.record.index_params["layers"]["0"]["exact_keys"] == [31] * synth.KV_HEADS
         query = torch.from_numpy(np.repeat(keys[:, outliers].mean(1), 3, axis=0))[None, :, None]  # (1, Hq, 1, D)
         hits = store.memory(0, exact_below=0).search(query, 8)
     assert all(set(outliers) <= set(row.tolist()) for row in hits.token_ids[0, :, 0])
@@ -165,16 +166,22 @@ def test_format_1_documents_are_still_searched_and_a_new_write_marks_the_store_f
 
 
 @pytest.mark.slow
-def test_recall_on_real_smollm2_queries_and_keys_of_a_real_book(smollm2, tmp_path):
-    """4,096 tokens of Persuasion read by SmolLM2 (keys of 6 layers into a store); the queries are
+@pytest.mark.parametrize("model_fixture", ["smollm2", "smollm2_fot"])
+def test_recall_on_real_smollm2_queries_and_keys_of_a_real_book(model_fixture, request, tmp_path):
+    """4,096 tokens of Persuasion read by SmolLM2 (keys of 6 layers into a store), or by the
+    FoT-tuned model (its 5 trained layers, whose keys are harder to search); the queries are
     the real ones the model sends to memory while it continues a later passage of the book."""
     from fot_memory_plugin import MemoryConfig, MemoryEngine
 
     book = Path(__file__).resolve().parents[2] / "shared" / "data" / "books" / "persuasion.txt"
     if not book.exists():
         pytest.skip(f"{book} is not here")
-    layers, tokens, k = (0, 5, 12, 18, 24, 29), 4096, 32
-    engine = MemoryEngine(smollm2.model, smollm2.tokenizer, MemoryConfig(local_window=512))
+    loaded = request.getfixturevalue(model_fixture)
+    config = loaded.memory_config_for(MemoryConfig(local_window=512))
+    if config.mem_layers is None:  # the zero-shot model: a spread of its 30 layers
+        config = config.replace(mem_layers=(0, 5, 12, 18, 24, 29))
+    layers, tokens, k = tuple(config.mem_layers), 4096, 32
+    engine = MemoryEngine(loaded.model, loaded.tokenizer, config)
     try:
         ids = engine.encode(book.read_text(encoding="utf-8")[:100_000])
         captured = {layer: [] for layer in layers}
@@ -228,7 +235,8 @@ def test_keys_above_the_documents_own_norm_quantile_leave_the_graph_for_the_exac
                                   index_params=IndexParams(calibration_tokens=1024)) as writer:
             for start in range(0, 6000, 512):
                 writer.append(0, keys[:, start : start + 512], values[:, start : start + 512])
-        assert writer.record.index_params["layers"]["0"]["exact_keys"] == [60] * synth.KV_HEADS
+        # 1% of the keys, plus the first key of each of the 12 windows.
+        assert writer.record.index_params["layers"]["0"]["exact_keys"] == [60 + 12] * synth.KV_HEADS
     with MemoryStore.open(tmp_path, readonly=True) as store:  # reloaded: deletions are saved
         indexes = store.memory(0, exact_below=0)._parts[0].indexes
         assert all(len(index.extras.deleted_ids) > 0 for index in indexes)
@@ -237,3 +245,22 @@ def test_keys_above_the_documents_own_norm_quantile_leave_the_graph_for_the_exac
         exact = store.memory(0, exact=True).search(query, 64)
         approx = store.memory(0, exact_below=0).search(query, 64)
     assert synth.recall(approx.token_ids[0].numpy(), exact.token_ids[0].numpy()) >= 0.95
+
+
+def test_the_first_key_of_every_window_is_scored_exactly(tmp_path):
+    """An attention-sink-like key at each window start, off in its own direction (not by norm),
+    which queries in that direction must always find."""
+    keys, values = synth.doc_arrays(9, 4096, 0)
+    sink = np.random.default_rng(1).standard_normal(keys.shape[2]).astype(np.float32)
+    sink *= np.linalg.norm(keys, axis=2).mean() / np.linalg.norm(sink)  # an ordinary norm
+    starts = np.arange(0, 4096, 256)
+    keys[:, starts] = sink + 0.01 * keys[:, starts]
+    with MemoryStore.open(tmp_path, fingerprint=synth.fingerprint(mem_layers=[0])) as store:
+        with store.begin_document("sinks", sha256="s", text_length=1,
+                                  index_params=IndexParams(calibration_tokens=1024)) as writer:
+            for start in starts:
+                writer.append(0, keys[:, start : start + 256], values[:, start : start + 256])
+        assert all(count >= len(starts) for count in writer.record.index_params["layers"]["0"]["exact_keys"])
+        query = torch.from_numpy(np.tile(sink, (synth.Q_HEADS, 1)))[None, :, None]  # (1, Hq, 1, D)
+        hits = store.memory(0, exact_below=0).search(query, len(starts))
+    assert all(set(starts.tolist()) == set(row.tolist()) for row in hits.token_ids[0, :, 0])
