@@ -196,6 +196,13 @@ def _add_store_commands(commands: argparse._SubParsersAction) -> None:
     _store_option(forget)
     forget.set_defaults(handler=_forget)
 
+    reindex = commands.add_parser(
+        "reindex", help="rebuild documents' hnswlib indexes from their stored keys (no model; after an upgrade)")
+    reindex.add_argument("documents", nargs="*", metavar="ID_OR_NAME", help="documents to re-index (default: all)")
+    _store_option(reindex)
+    reindex.add_argument("--json", action="store_true", help="print the re-indexed documents as JSON")
+    reindex.set_defaults(handler=_reindex)
+
     info = commands.add_parser("info", help="the store's model, memory config and size")
     _store_option(info)
     info.add_argument("--json", action="store_true")
@@ -281,6 +288,35 @@ def _forget(args: argparse.Namespace) -> int:
     with _plain_store(args, readonly=False) as store:
         record = store.forget(args.document)
     print(f"forgot {record.name!r} [{record.id}]")
+    return 0
+
+
+def _reindex(args: argparse.Namespace) -> int:
+    from .documents import default_store_dir
+    from .persistence import MemoryStore
+
+    path = args.store or default_store_dir()
+    with MemoryStore.open(path, create=False, readonly=True) as store:
+        fingerprint = store.fingerprint
+    if fingerprint is None:
+        print(f"{path}: no documents to re-index")
+        return 0
+    window = (fingerprint.get("memory_config") or {}).get("local_window")
+    if not isinstance(window, int):
+        raise ValueError(f"{path} records no reading window (memory_config.local_window): it was not written by "
+                         "`fot-memory read`; re-index it with MemoryStore.reindex(..., window=...).")
+    # The store's own fingerprint: the keys are re-fed as they were read, by the same model.
+    with MemoryStore.open(path, fingerprint=fingerprint, create=False) as store:
+        names = args.documents or [record.id for record in store.documents()]
+        done = []
+        for name in names:
+            old = store.document(name)
+            record = store.reindex(old.id, window=window)
+            done.append(_record_dict(record) | {"replaced_id": old.id})
+            if not args.json:
+                print(f"re-indexed {record.name!r}: [{old.id}] -> [{record.id}], {record.num_tokens} tokens")
+    if args.json:
+        print(json.dumps({"documents": done}))
     return 0
 
 

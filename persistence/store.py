@@ -48,7 +48,7 @@ from .files import (
     validate_name,
 )
 from .hnsw_index import HnswIndex, IndexExtras, IndexParams
-from .kvfile import STORAGE_DTYPES, kv_file_size, open_kv
+from .kvfile import STORAGE_DTYPES, kv_file_size, open_kv, rows_float32
 from .memory import DEFAULT_EXACT_BELOW, DocumentLayer, PersistentMemory
 from .metadata import (
     FORMAT_VERSION,
@@ -285,6 +285,35 @@ class MemoryStore:
                 del self._loaded[key]
         logger.info("forgot document %r (%s)", record.name, record.id)
         return record
+
+    def reindex(self, id_or_name: str, *, window: int, index_params: IndexParams | None = None) -> DocumentRecord:
+        """Rebuild a document's hnswlib indexes from its stored keys, without the model.
+
+        For documents indexed by an older fot-memory (or with other `index_params`). The keys and
+        values are fed again, `window` tokens per append (the local window they were read with,
+        so window starts are where they were), to a new document of the same name that replaces
+        the old one at commit, as any write does: a crash leaves the old document as it was.
+        The document gets a new id. Returns its record.
+        """
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be the local window the document was read with (an int >= 1), got {window!r}.")
+        record = self.document(id_or_name)
+        parts = {layer: self._load_layer(record, layer, need_index=False) for layer in record.layers}
+        chunks = [(c.start_token, c.end_token, c.start_char, c.end_char, c.text) for c in self._meta.chunks(record.id)]
+        with self.begin_document(record.name, source_path=record.source_path, sha256=record.sha256,
+                                 text_length=record.text_length, metadata=record.metadata, dtype=record.dtype,
+                                 force=True, index_params=index_params) as writer:
+            for start in range(0, record.num_tokens, window):
+                for layer, part in parts.items():
+                    rows = rows_float32(part.kv[start : start + window], record.dtype)  # (T, 2, Hkv, D)
+                    writer.append(layer, rows[:, 0].transpose(0, 1), rows[:, 1].transpose(0, 1))
+            writer.add_chunks(chunks)
+        assert writer.record is not None
+        with self._load_lock:
+            for key in [key for key in self._loaded if key[0] == record.id]:
+                del self._loaded[key]
+        logger.info("re-indexed document %r: %s -> %s", record.name, record.id, writer.record.id)
+        return writer.record
 
     # ---- reading metadata ----------------------------------------------------------------
 

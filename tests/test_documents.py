@@ -152,5 +152,9 @@ def test_cli_lists_describes_and_forgets(store_dir):
     assert info["documents"] == 1 and info["fingerprint"]["memory_config"]["local_window"] == 64
     missing = _cli("ask", "anything", "--store", str(store_dir), "--doc", "nope")
     assert missing.returncode == 2 and "nope" in missing.stderr and "Traceback" not in missing.stderr
+    reindexed = json.loads(_cli("reindex", "--store", str(store_dir), "--json").stdout)["documents"]
+    assert [(doc["name"], doc["replaced_id"]) for doc in reindexed] == [("chapter1.txt", docs[0]["id"])]
+    docs = json.loads(_cli("docs", "--store", str(store_dir), "--json").stdout)["documents"]
+    assert [doc["id"] for doc in docs] == [reindexed[0]["id"]]
     assert _cli("forget", docs[0]["id"], "--store", str(store_dir)).returncode == 0
     assert json.loads(_cli("docs", "--store", str(store_dir), "--json").stdout)["documents"] == []

@@ -14,6 +14,7 @@ from persistence_helpers.procs import run_worker
 
 from fot_memory_plugin.persistence import (
     DocumentNotFoundError,
+    IndexParams,
     MemoryStore,
     PersistentHits,
     StoreNotFoundError,
@@ -183,3 +184,38 @@ def test_readonly_open_of_missing_store_refuses(tmp_path):
     with pytest.raises(StoreNotFoundError):
         MemoryStore.open(tmp_path / "none", create=False)
     assert not (tmp_path / "none").exists()
+
+
+def test_reindex_rebuilds_the_indexes_from_the_stored_keys(two_docs, monkeypatch):
+    query = synth.queries(3, 4)
+    with MemoryStore.open(two_docs, fingerprint=synth.fingerprint()) as store:
+        old = store.document("a")
+        before = store.memory(0, exact=True).search(query, 32)
+        spans = [(c.start_token, c.end_token, c.start_char, c.end_char, c.text) for c in store.chunks("a")]
+        record = store.reindex("a", window=512, index_params=IndexParams(exact_window_starts=False))
+        assert record.id != old.id and record.name == "a" and not (two_docs / "docs" / old.id).exists()
+        assert (record.sha256, record.num_tokens, record.layers, record.metadata) == (
+            old.sha256, old.num_tokens, old.layers, old.metadata)
+        assert record.index_params["exact_window_starts"] is False
+        assert [(c.start_token, c.end_token, c.start_char, c.end_char, c.text) for c in store.chunks("a")] == spans
+        assert {c.doc_id for c in store.chunks("a")} == {record.id} and len(spans) == 30
+        record = store.reindex(record.id, window=512)  # back to the defaults: 6 window starts exact
+        assert all(count >= 6 for count in record.index_params["layers"]["0"]["exact_keys"])
+        after = store.memory(0, exact=True).search(query, 32)
+        assert torch.equal(after.keys, before.keys) and torch.equal(after.values, before.values)
+        hnsw = store.memory(0, exact_below=0).search(query, 32)
+        assert synth.recall(hnsw.token_ids[0].numpy(), after.token_ids[0].numpy()) >= 0.95
+
+        # A re-index that fails part way leaves the document as it was.
+        def fail(*args, **kwargs):
+            raise OSError("disk full")
+
+        monkeypatch.setattr("fot_memory_plugin.persistence.writer.DocumentWriter.add_chunks", fail)
+        with pytest.raises(OSError, match="disk full"):
+            store.reindex("a", window=512)
+        assert store.document("a") == record and sorted(p.name for p in (two_docs / "tmp").iterdir()) == []
+        assert torch.equal(store.memory(0, exact=True).search(query, 32).values, before.values)
+        with pytest.raises(ValueError, match="local window"):
+            store.reindex("a", window=0)
+        with pytest.raises(DocumentNotFoundError):
+            store.reindex("nope", window=512)
