@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     perplexity.add_argument("--memory-sizes", type=int, nargs="+", default=[0, 2048, 8192, 32768],
                             help="tokens read into memory before the scored ones")
     perplexity.add_argument("--scored", type=int, default=2048, help="tokens scored at the end of the text")
+    perplexity.add_argument("--read-without-retrieval", action="store_true",
+                            help="compute the keys entering memory without retrieval (predictions still retrieve)")
     perplexity.add_argument("--json", action="store_true", help="print one JSON object with every result")
     _add_model_options(perplexity)
     _add_memory_options(perplexity)
@@ -379,7 +381,8 @@ def _eval_perplexity(args: argparse.Namespace) -> int:
     engine = _engine(args)
     ids = engine.encode(Path(args.text).read_text(encoding="utf-8"))
     results = [memory_perplexity(engine, ids, 0, args.scored, truncated=True)]
-    results += [memory_perplexity(engine, ids, size, args.scored) for size in args.memory_sizes]
+    results += [memory_perplexity(engine, ids, size, args.scored, read_retrieval=not args.read_without_retrieval)
+                for size in args.memory_sizes]
     if args.json:
         print(json.dumps({"results": [result.to_dict() for result in results]}))
         return 0

@@ -39,11 +39,14 @@ class PerplexityResult:
 
 @torch.no_grad()
 def memory_perplexity(
-    engine: MemoryEngine, ids: torch.Tensor, memory_tokens: int, scored_tokens: int, *, truncated: bool = False
+    engine: MemoryEngine, ids: torch.Tensor, memory_tokens: int, scored_tokens: int, *, truncated: bool = False,
+    read_retrieval: bool = True,
 ) -> PerplexityResult:
     """Score the last `scored_tokens` of ids (1, N) after reading the `memory_tokens` before them.
 
     truncated=True scores each window with the plain model and no memory (memory_tokens ignored).
+    read_retrieval=False computes every key that enters memory without retrieval (each window
+    seeing only itself, as `fot-memory read --no-retrieval` does); predictions still retrieve.
     """
     if ids.dim() != 2 or ids.shape[0] != 1:
         raise ValueError(f"memory_perplexity takes ids shaped (1, N), got {tuple(ids.shape)}.")
@@ -61,11 +64,14 @@ def memory_perplexity(
                 nll, count = _add_window(model, scored[:, start : start + window], nll, count)
         return PerplexityResult(0, count, nll / count, truncated=True)
     if memory_tokens:
-        engine.read(ids[:, total - scored_tokens - memory_tokens : total - scored_tokens])
+        engine.read(ids[:, total - scored_tokens - memory_tokens : total - scored_tokens], retrieve=read_retrieval)
     for start in range(0, scored_tokens, window):
         piece = scored[:, start : start + window]
         with engine.router.capture() as captured:
             nll, count = _add_window(engine.model, piece, nll, count)
+        if not read_retrieval:  # the window's keys as a reading without retrieval makes them
+            engine.read(piece, retrieve=False)
+            continue
         for layer in engine.layers:
             engine.memories[layer].append(*captured[layer])
     engine.reset()

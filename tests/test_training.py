@@ -236,6 +236,27 @@ def test_memory_perplexity_scores_the_same_predictions_with_and_without_memory()
         memory_perplexity(MemoryEngine(tiny_llama(), None, config), ids, 5 * WINDOW, WINDOW)
 
 
+def test_memory_perplexity_can_fill_memory_as_a_reading_without_retrieval_does():
+    from fot_memory_plugin.perplexity import memory_perplexity
+
+    ids = torch.randint(0, TINY_VOCAB, (1, 5 * WINDOW), generator=torch.Generator().manual_seed(5))
+    with MemoryEngine(tiny_llama(), None, MemoryConfig(local_window=WINDOW, top_k=4)) as engine:
+        retrieving = memory_perplexity(engine, ids, 3 * WINDOW, 2 * WINDOW)
+        local_keys = memory_perplexity(engine, ids, 3 * WINDOW, 2 * WINDOW, read_retrieval=False)
+        # The same by hand: memory filled window by window without retrieval, predictions retrieving.
+        engine.read(ids[:, : 3 * WINDOW], retrieve=False)
+        losses = []
+        with torch.no_grad():
+            for start in (3 * WINDOW, 4 * WINDOW):
+                piece = ids[:, start : start + WINDOW]
+                logits = engine.model(input_ids=piece, use_cache=False).logits[0, :-1]
+                losses.append(F.cross_entropy(logits, piece[0, 1:], reduction="sum").item())
+                engine.read(piece, retrieve=False)
+        engine.reset()
+    assert local_keys.loss == pytest.approx(sum(losses) / local_keys.scored_tokens, rel=1e-5)
+    assert local_keys.loss != pytest.approx(retrieving.loss)  # later windows' keys differ
+
+
 @pytest.mark.slow
 def test_train_command_writes_a_delta_that_load_model_applies(smollm2, tmp_path):
     from fot_memory_plugin.cli import main
