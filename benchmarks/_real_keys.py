@@ -57,11 +57,11 @@ class Reading:
             yield {layer: (self.keys[layer][:, begin:stop], self.values[layer][:, begin:stop]) for layer in layers}
 
 
-def load_engine(config: MemoryConfig, memories: Mapping[int, Memory] | None = None, model: str = "smollm2"
-                ) -> tuple[LoadedModel, MemoryEngine]:
+def load_engine(config: MemoryConfig, memories: Mapping[int, Memory] | None = None, model: str = "smollm2",
+                device: str | None = None) -> tuple[LoadedModel, MemoryEngine]:
     """SmolLM2-135M (float32; "smollm2-fot" for the FoT-tuned one, in its own memory layers) with
     memory attached under `config`."""
-    loaded = load_model(model)
+    loaded = load_model(model, device=device)
     return loaded, MemoryEngine(loaded.model, loaded.tokenizer, loaded.memory_config_for(config), memories=memories)
 
 

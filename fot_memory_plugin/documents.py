@@ -25,7 +25,7 @@ from .config import MemoryConfig
 from .engine import MemoryEngine
 from .errors import DocumentInputError, NoDocumentsError, QuestionTooLongError
 from .models import load_model, model_fingerprint
-from .persistence import Chunk, DocumentRecord, MemoryStore, StoreNotFoundError
+from .persistence import Chunk, DocumentRecord, MemoryStore, StoreNotFoundError, num_threads
 
 __all__ = ["DocumentMemory", "Answer", "Source", "default_store_dir", "load_text", "STORE_ENV"]
 
@@ -179,7 +179,7 @@ class DocumentMemory:
         dtype = self.engine.config.mem_dtype
         with self.store.begin_document(
             name, source_path=source_path, sha256=sha256, text_length=len(text),
-            metadata=metadata, dtype=dtype, force=force,
+            metadata=metadata, dtype=dtype, force=force, threads=self._writer_threads(),
         ) as writer:
             writer.add_chunks(_chunks(text, encoding["offset_mapping"]))
 
@@ -193,6 +193,12 @@ class DocumentMemory:
             finally:
                 self.engine.reset()
         return writer.record, True
+
+    def _writer_threads(self) -> int:
+        """Store writer threads: one beside a model on the CPU (it needs the cores); with the model
+        on a GPU the hnswlib inserts are what limits reading (benchmarks/README.md), so every core
+        but one, each taking some of the (layer, KV head) indexes."""
+        return 1 if self.engine.device.type == "cpu" else max(1, num_threads() - 1)
 
     # -- asking ---------------------------------------------------------------------------------
 

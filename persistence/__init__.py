@@ -18,7 +18,7 @@ from .errors import (
     StoreReadOnlyError,
     StoreVersionError,
 )
-from .hnsw_index import IndexParams, default_ef
+from .hnsw_index import IndexParams, default_ef, num_threads
 from .memory import DEFAULT_EXACT_BELOW, PersistentHits, PersistentMemory
 from .metadata import FORMAT_VERSION, Chunk, DocumentRecord
 from .store import MemoryStore
@@ -33,6 +33,7 @@ __all__ = [
     "Chunk",
     "IndexParams",
     "default_ef",
+    "num_threads",
     "DEFAULT_EXACT_BELOW",
     "FORMAT_VERSION",
     "StoreError",

@@ -47,7 +47,7 @@ from .files import (
     remove_tree,
     validate_name,
 )
-from .hnsw_index import HnswIndex, IndexExtras, IndexParams
+from .hnsw_index import HnswIndex, IndexExtras, IndexParams, num_threads
 from .kvfile import STORAGE_DTYPES, kv_file_size, open_kv, rows_float32
 from .memory import DEFAULT_EXACT_BELOW, DocumentLayer, PersistentMemory
 from .metadata import (
@@ -225,13 +225,16 @@ class MemoryStore:
         dtype: str = "float16",
         force: bool = False,
         index_params: IndexParams | None = None,
+        threads: int = 1,
     ) -> DocumentWriter:
         """Start writing a document; returns a DocumentWriter holding the writer lock.
 
         sha256: hex digest of the source text (see find_by_sha256). dtype: element type of the
         stored keys and values ("float16", "float32" or "bfloat16"). force: replace a document
-        of the same name (atomically, at commit). Raises StoreLockedError after lock_timeout
-        seconds if another writer is active, DuplicateDocumentError (at commit too) without force.
+        of the same name (atomically, at commit). threads: background threads writing and
+        indexing (each takes some of the files and (layer, KV head) indexes): 1 beside a model
+        computing on the CPU, more when it runs on a GPU. Raises StoreLockedError after lock_timeout seconds if another
+        writer is active, DuplicateDocumentError (at commit too) without force.
         """
         self._require_writable("write a document")
         if not self._given_fingerprint:
@@ -257,6 +260,7 @@ class MemoryStore:
                 source_path=None if source_path is None else str(source_path), sha256=sha256,
                 text_length=text_length, metadata=metadata, dtype=dtype,
                 index_params=index_params or IndexParams(), fingerprint=self.fingerprint, force=force,
+                threads=threads,
             )
         except BaseException:
             lock.release()
@@ -302,7 +306,8 @@ class MemoryStore:
         chunks = [(c.start_token, c.end_token, c.start_char, c.end_char, c.text) for c in self._meta.chunks(record.id)]
         with self.begin_document(record.name, source_path=record.source_path, sha256=record.sha256,
                                  text_length=record.text_length, metadata=record.metadata, dtype=record.dtype,
-                                 force=True, index_params=index_params) as writer:
+                                 force=True, index_params=index_params,
+                                 threads=num_threads()) as writer:  # no model to leave cores for
             for start in range(0, record.num_tokens, window):
                 for layer, part in parts.items():
                     rows = rows_float32(part.kv[start : start + window], record.dtype)  # (T, 2, Hkv, D)

@@ -1,8 +1,9 @@
 """DocumentWriter: streams one document's keys and values to disk, then publishes it atomically.
 
-While the document is read, a background thread writes each appended window to the `.kv`
-files and inserts its keys into the hnswlib indexes (hnswlib releases the GIL), so disk writes
-and index building overlap the model's compute; `append` only converts and queues. Nothing
+While the document is read, background threads (one by default; more when the model does not
+need the CPU) write each appended window to the `.kv` files and insert its keys into the
+hnswlib indexes (hnswlib releases the GIL), so disk writes and index building overlap the
+model's compute; `append` only converts and queues. Nothing
 searches these indexes while they grow (reading retrieves from the engine's in-RAM memory).
 
 Order of a commit (each step survives a crash of the step after it):
@@ -23,7 +24,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -70,8 +71,8 @@ class _Background:
     """One thread running queued jobs in order. The first error stops it and is raised by the
     next `submit` or by `join`."""
 
-    def __init__(self) -> None:
-        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=_QUEUED_APPENDS)
+    def __init__(self, queued: int = _QUEUED_APPENDS) -> None:
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=queued)
         self._error: BaseException | None = None
         self._cancelled = False
         self._thread = threading.Thread(target=self._run, name="fot-memory-writer", daemon=True)
@@ -106,6 +107,41 @@ class _Background:
         if self._thread.is_alive():
             self._jobs.put(None)
             self._thread.join()
+
+
+class _Lanes:
+    """Background threads sharing jobs by key: a key's jobs (here one (layer, KV head) index, and
+    the layer's `.kv` file with head 0) always run on the same thread, in order, so each file
+    and index grows in token order; different keys are independent, so with more threads the
+    hnswlib inserts run side by side (hnswlib releases the GIL). The first error of any thread
+    is raised by the next `submit` or by `join`."""
+
+    def __init__(self, threads: int) -> None:
+        self._lanes = [_Background(max(8, _QUEUED_APPENDS // threads)) for _ in range(threads)]
+        self._lane_of: dict[Hashable, _Background] = {}
+
+    def _raise(self) -> None:
+        for lane in self._lanes:
+            lane._raise()
+
+    def submit(self, key: Hashable, job: Callable[[], None]) -> None:
+        self._raise()
+        lane = self._lane_of.setdefault(key, self._lanes[len(self._lane_of) % len(self._lanes)])
+        lane.submit(job)
+
+    def join(self) -> None:
+        errors = []
+        for lane in self._lanes:
+            try:
+                lane.join()
+            except BaseException as error:  # noqa: BLE001 (every thread must end first)
+                errors.append(error)
+        if errors:
+            raise errors[0]
+
+    def cancel(self) -> None:
+        for lane in self._lanes:
+            lane.cancel()
 
 
 def _as_array(name: str, array: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -152,7 +188,10 @@ class DocumentWriter:
         index_params: IndexParams,
         fingerprint: dict[str, Any],
         force: bool,
+        threads: int = 1,
     ) -> None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be an int >= 1, got {threads!r}.")
         self._layout, self._meta, self._release_lock = layout, meta, release_lock
         self.name, self.source_path, self.sha256 = name, source_path, sha256
         self.text_length, self.metadata, self.dtype = text_length, metadata, dtype
@@ -168,7 +207,7 @@ class DocumentWriter:
         self._state = "open"  # -> "committed" | "aborted"
         self.record: DocumentRecord | None = None
         self._tmp = layout.new_temp_dir()
-        self._background = _Background()
+        self._background = _Lanes(threads)
 
     def __enter__(self) -> DocumentWriter:
         return self
@@ -215,12 +254,10 @@ class DocumentWriter:
         stored_keys, stored_values = (np.array(to_storage(array, self.dtype)) for array in (keys, values))
         file, builders = self._files[layer], self._builders[layer]
 
-        def write() -> None:
-            file.append(stored_keys, stored_values)
-            for head, builder in enumerate(builders):
-                builder.add(stored_keys[head])
-
-        self._background.submit(write)
+        # The file goes with the first head's index (a cheap write: lanes balance by indexes).
+        self._background.submit((layer, 0), lambda: file.append(stored_keys, stored_values))
+        for head, builder in enumerate(builders):
+            self._background.submit((layer, head), lambda builder=builder, keys=stored_keys[head]: builder.add(keys))
 
     def _check_layer(self, layer: int) -> int:
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or layer < 0:

@@ -219,3 +219,17 @@ def test_reindex_rebuilds_the_indexes_from_the_stored_keys(two_docs, monkeypatch
             store.reindex("a", window=0)
         with pytest.raises(DocumentNotFoundError):
             store.reindex("nope", window=512)
+
+
+def test_several_writer_threads_store_what_one_stores(tmp_path):
+    """Layers spread over background threads (as when the model reads on a GPU): the same files."""
+    records = {}
+    for threads in (1, 3):
+        with MemoryStore.open(tmp_path / str(threads), fingerprint=synth.fingerprint()) as store:
+            records[threads] = synth.write_document(store, "a", 1, 3000, threads=threads)
+    assert {name: file["crc32"] for name, file in records[1].files.items() if name.endswith(".kv")} == {
+        name: file["crc32"] for name, file in records[3].files.items() if name.endswith(".kv")}
+    assert records[1].index_params["layers"] == records[3].index_params["layers"]
+    with pytest.raises(ValueError, match="threads must be an int >= 1"):
+        with MemoryStore.open(tmp_path / "0", fingerprint=synth.fingerprint()) as store:
+            store.begin_document("x", sha256="x", text_length=1, threads=0)
