@@ -233,8 +233,9 @@ class MemoryStore:
         stored keys and values ("float16", "float32" or "bfloat16"). force: replace a document
         of the same name (atomically, at commit). threads: background threads writing and
         indexing (each takes some of the files and (layer, KV head) indexes): 1 beside a model
-        computing on the CPU, more when it runs on a GPU. Raises StoreLockedError after lock_timeout seconds if another
-        writer is active, DuplicateDocumentError (at commit too) without force.
+        computing on the CPU, more when it runs on a GPU. Raises StoreLockedError after
+        lock_timeout seconds if another writer is active, DuplicateDocumentError (at commit too)
+        without force.
         """
         self._require_writable("write a document")
         if not self._given_fingerprint:
@@ -300,7 +301,8 @@ class MemoryStore:
         The document gets a new id. Returns its record.
         """
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be the local window the document was read with (an int >= 1), got {window!r}.")
+            raise ValueError(f"window must be the local window the document was read with (an int >= 1), "
+                             f"got {window!r}.")
         record = self.document(id_or_name)
         parts = {layer: self._load_layer(record, layer, need_index=False) for layer in record.layers}
         chunks = [(c.start_token, c.end_token, c.start_char, c.end_char, c.text) for c in self._meta.chunks(record.id)]

@@ -3,8 +3,8 @@
 While the document is read, background threads (one by default; more when the model does not
 need the CPU) write each appended window to the `.kv` files and insert its keys into the
 hnswlib indexes (hnswlib releases the GIL), so disk writes and index building overlap the
-model's compute; `append` only converts and queues. Nothing
-searches these indexes while they grow (reading retrieves from the engine's in-RAM memory).
+model's compute; `append` only converts and queues. Nothing searches these indexes while they
+grow (reading retrieves from the engine's in-RAM memory).
 
 Order of a commit (each step survives a crash of the step after it):
   1. the queue drained; `.kv` files closed and fsynced in tmp/<random>/
@@ -64,14 +64,16 @@ def _no_step(step: str) -> None:
 after_step: Callable[[str], None] = _no_step
 
 
-_QUEUED_APPENDS = 64  # appends waiting for the background thread (bounds RAM); append blocks beyond
+# Jobs (a window's `.kv` write, or one head's inserts) waiting for the background threads, all
+# together: 64 appends of a 3-KV-head layer on one thread. Bounds RAM; append blocks beyond.
+_QUEUED_JOBS = 256
 
 
 class _Background:
     """One thread running queued jobs in order. The first error stops it and is raised by the
     next `submit` or by `join`."""
 
-    def __init__(self, queued: int = _QUEUED_APPENDS) -> None:
+    def __init__(self, queued: int = _QUEUED_JOBS) -> None:
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=queued)
         self._error: BaseException | None = None
         self._cancelled = False
@@ -117,7 +119,7 @@ class _Lanes:
     is raised by the next `submit` or by `join`."""
 
     def __init__(self, threads: int) -> None:
-        self._lanes = [_Background(max(8, _QUEUED_APPENDS // threads)) for _ in range(threads)]
+        self._lanes = [_Background(max(8, _QUEUED_JOBS // threads)) for _ in range(threads)]
         self._lane_of: dict[Hashable, _Background] = {}
 
     def _raise(self) -> None:
@@ -362,8 +364,8 @@ class DocumentWriter:
             metadata=self.metadata, text_length=self.text_length, dtype=self.dtype,
             kv_heads=self._kv_heads, head_dim=self._head_dim, layers=tuple(sorted(self._files)),
             index_params={**self.index_params.to_dict(),
-                          "space": "l2 over centred keys + sqrt(B^2 - |k - mu|^2); beyond B exact; duplicates collapsed; "
-                                   "window starts exact",
+                          "space": "l2 over centred keys + sqrt(B^2 - |k - mu|^2); beyond B exact; "
+                                   "duplicates collapsed; window starts exact",
                           "layers": summary},
             files=files,
         )
