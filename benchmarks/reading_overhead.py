@@ -4,7 +4,8 @@ persistent store, over the same windows of a real book, variants interleaved in 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/reading_overhead.py
     # = --tokens 8192 --repeats 2 --book persuasion.txt (SmolLM2-135M float32, store defaults)
 
-Variants (memory in all 30 layers, or a FoT model's own layers, local window 512, top_k 32, float16 memory as the store keeps):
+Variants (memory in all 30 layers, or a FoT model's own layers; local window 512, top_k 32,
+float16 memory as the store keeps):
   plain                 the unpatched decoder over the windows (no memory at all)
   RAM, no retrieval     memory reading that appends each window's keys/values, retrieving nothing
   store, no retrieval   the same, each window also written to a store document (DocumentWriter):
@@ -16,8 +17,9 @@ Variants (memory in all 30 layers, or a FoT model's own layers, local window 512
 With several --writer-threads, one store variant per count (the store's layers spread over
 that many background threads: what `fot-memory read --device cuda` does, where the hnswlib
 inserts, not the model, limit reading). "store" times include the commit; the table also shows
-the commit alone (what remains after the last window). A fresh store per run. Best of `repeats` (another process on the machine only adds);
-CPU s is the process's CPU time over all its threads, which other processes do not stretch.
+the commit alone (what remains after the last window). A fresh store per run. Best of `repeats`
+(another process on the machine only adds); CPU s is the process's CPU time over all its
+threads, which other processes do not stretch.
 """
 
 from __future__ import annotations

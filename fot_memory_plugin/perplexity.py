@@ -67,11 +67,12 @@ def memory_perplexity(
         engine.read(ids[:, total - scored_tokens - memory_tokens : total - scored_tokens], retrieve=read_retrieval)
     for start in range(0, scored_tokens, window):
         piece = scored[:, start : start + window]
+        if not read_retrieval:
+            nll, count = _add_window(engine.model, piece, nll, count)
+            engine.read(piece, retrieve=False)  # the window's keys as a reading without retrieval makes them
+            continue
         with engine.router.capture() as captured:
             nll, count = _add_window(engine.model, piece, nll, count)
-        if not read_retrieval:  # the window's keys as a reading without retrieval makes them
-            engine.read(piece, retrieve=False)
-            continue
         for layer in engine.layers:
             engine.memories[layer].append(*captured[layer])
     engine.reset()
