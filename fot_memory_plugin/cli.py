@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from .config import MemoryConfig
@@ -171,6 +172,8 @@ def _add_store_commands(commands: argparse._SubParsersAction) -> None:
     read.add_argument("--no-retrieval", action="store_true",
                       help="read each window without retrieval: the plain model's speed; fine for a FoT-tuned "
                            "model (its training computes memory keys so), not for a zero-shot one")
+    read.add_argument("--shared", action="store_true",
+                      help="a NEW store's files get your umask's permissions instead of owner-only (0600/0700)")
     _device_option(read)
     read.set_defaults(handler=_read)
 
@@ -210,6 +213,18 @@ def _add_store_commands(commands: argparse._SubParsersAction) -> None:
     info.add_argument("--json", action="store_true")
     info.set_defaults(handler=_info)
 
+    verify = commands.add_parser("verify", help="check every stored file against its checksum (exit 1 if damaged)")
+    verify.add_argument("--doc", action="append", metavar="ID_OR_NAME", help="check only this document (repeatable)")
+    _store_option(verify)
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(handler=_verify)
+
+    repair = commands.add_parser(
+        "repair", help="rebuild a lost or damaged database from the documents' manifests (deletes nothing)")
+    _store_option(repair)
+    repair.add_argument("--json", action="store_true")
+    repair.set_defaults(handler=_repair)
+
 
 def _open_documents(args: argparse.Namespace, readonly: bool = False, with_model: bool = True):
     from .documents import DocumentMemory
@@ -223,7 +238,8 @@ def _open_documents(args: argparse.Namespace, readonly: bool = False, with_model
             mem_layers=layers, local_window=args.local_window or STORE_DEFAULTS.local_window
         )
     return DocumentMemory.open(
-        args.store, model=getattr(args, "model", None), config=config, device=args.device, readonly=readonly
+        args.store, model=getattr(args, "model", None), config=config, device=args.device, readonly=readonly,
+        hold_lock=not readonly, shared=getattr(args, "shared", False),
     )
 
 
@@ -235,10 +251,16 @@ def _record_dict(record) -> dict:
 
 
 def _read(args: argparse.Namespace) -> int:
-    if args.name and len(args.paths) > 1:
+    from .documents import load_text
+    from .persistence.files import validate_name
+
+    if args.name is not None and len(args.paths) > 1:
         raise ValueError("--name names one document: give one PATH with it, or leave --name out.")
+    for path in args.paths:  # cheap checks first: the model takes seconds to load
+        validate_name(args.name if args.name is not None else Path(path).name)
+        load_text(path)
     stored = []
-    with _open_documents(args) as memory:
+    with _open_documents(args) as memory:  # the store (and its writer lock) before the model
         for path in args.paths:
             record, fresh = memory.read_file(path, name=args.name, force=args.force, progress=not args.json,
                                              retrieve=not args.no_retrieval)
@@ -258,6 +280,9 @@ def _ask(args: argparse.Namespace) -> int:
             args.question, docs=args.doc, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
             on_text=on_text, num_sources=args.sources, exact=args.exact,
         )
+    for item in answer.left_out:
+        print(f"fot-memory: note: left out the damaged document {item.doc!r} [{item.doc_id}]: {item.problem} "
+              f"(forget it and read it again)", file=sys.stderr)
     if args.json:
         print(json.dumps(answer.to_dict()))
         return 0
@@ -270,19 +295,59 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 def _plain_store(args: argparse.Namespace, readonly: bool = True):
+    """The store without a model; never created here (only `read` makes a store)."""
     from .documents import default_store_dir
     from .persistence import MemoryStore
 
-    return MemoryStore.open(args.store or default_store_dir(), create=not readonly, readonly=readonly)
+    return MemoryStore.open(args.store or default_store_dir(), create=False, readonly=readonly)
 
 
 def _docs(args: argparse.Namespace) -> int:
     with _plain_store(args) as store:
-        records = [_record_dict(record) for record in store.documents()]
+        damaged = store.verify(checksum=False)  # sizes only: `verify` reads every byte
+        records = [_record_dict(record) | {"damaged": damaged.get(record.id)} for record in store.documents()]
     if args.json:
         print(json.dumps({"documents": records}))
     for record in [] if args.json else records:
-        print(f"{record['id']}  {record['name']}  {record['tokens']} tokens  {record['created']}")
+        status = f"  DAMAGED: {record['damaged']}" if record["damaged"] else ""
+        print(f"{record['id']}  {record['name']}  {record['tokens']} tokens  {record['created']}{status}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    with _plain_store(args) as store:
+        records = [store.document(name) for name in args.doc] if args.doc else store.documents()
+        problems = {}
+        for record in records:
+            problems.update(store.verify(record.id))
+        report = [{"id": r.id, "name": r.name, "problem": problems.get(r.id)} for r in records]
+    if args.json:
+        print(json.dumps({"documents": report, "damaged": len(problems)}))
+    else:
+        for item in report:
+            print(f"{item['id']}  {item['name']}  {'DAMAGED: ' + item['problem'] if item['problem'] else 'ok'}")
+        print(f"{len(report) - len(problems)} of {len(report)} documents ok" +
+              (": forget the damaged ones and read them again" if problems else ""))
+    return 1 if problems else 0
+
+
+def _repair(args: argparse.Namespace) -> int:
+    from .documents import default_store_dir
+    from .persistence import repair_store
+
+    report = repair_store(args.store or default_store_dir())
+    if args.json:
+        print(json.dumps(report.to_dict()))
+        return 0
+    print(f"database: {report.database}")
+    for name in report.restored:
+        print(f"restored {name!r}")
+    for directory, reason in report.moved_to_lost_found.items():
+        print(f"moved {directory}: {reason}")
+    for name in report.missing_files:
+        print(f"{name!r} has a row but no files: forget it and read it again")
+    if not (report.restored or report.moved_to_lost_found or report.missing_files):
+        print("nothing to repair")
     return 0
 
 
@@ -403,6 +468,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Our errors carry a sentence that says what to do; a traceback would only hide it.
         print(f"fot-memory: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a file of the user's own (not the store's, which raises StoreError)
+        print(f"fot-memory: error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fot-memory: interrupted; nothing half-written is visible in the store", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -23,11 +23,13 @@ import torch
 
 from .config import MemoryConfig
 from .engine import MemoryEngine
-from .errors import DocumentInputError, NoDocumentsError, QuestionTooLongError
+from .errors import CorruptDocumentError, DocumentInputError, NoDocumentsError, QuestionTooLongError
 from .models import load_model, model_fingerprint
-from .persistence import Chunk, DocumentRecord, MemoryStore, StoreNotFoundError, num_threads
+from .persistence import Chunk, DocumentRecord, MemoryStore, num_threads
+from .persistence.files import validate_name
+from .persistence.writer import estimate_document_bytes
 
-__all__ = ["DocumentMemory", "Answer", "Source", "default_store_dir", "load_text", "STORE_ENV"]
+__all__ = ["DocumentMemory", "Answer", "Source", "LeftOut", "default_store_dir", "load_text", "STORE_ENV"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +58,26 @@ class Source:
 
 
 @dataclass(frozen=True)
+class LeftOut:
+    """A document a question did not name and could not use: its files are damaged."""
+
+    doc: str
+    doc_id: str
+    problem: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class Answer:
     text: str
     sources: list[Source]
+    left_out: list[LeftOut] = field(default_factory=list)  # damaged documents skipped
 
     def to_dict(self) -> dict[str, Any]:
-        return {"answer": self.text, "sources": [source.to_dict() for source in self.sources]}
+        return {"answer": self.text, "sources": [source.to_dict() for source in self.sources],
+                "left_out": [item.to_dict() for item in self.left_out]}
 
 
 def default_store_dir() -> Path:
@@ -106,11 +122,31 @@ class DocumentMemory:
         config: MemoryConfig | None = None,
         device: str | None = None,
         readonly: bool = False,
+        create: bool = True,
+        hold_lock: bool = False,
+        shared: bool = False,
     ) -> DocumentMemory:
-        """Open (or create) a store. An existing store remembers its model and memory config, so
-        neither is needed; given ones that differ from what it recorded are refused."""
+        """Open (or, with create, make) a store. An existing store remembers its model and memory
+        config, so neither is needed; given ones that differ from what it recorded are refused.
+
+        The store is opened BEFORE the model loads, so a missing, locked or damaged store fails
+        at once. hold_lock: keep the writer lock until close (see MemoryStore.open); shared: a new
+        store's files get the umask instead of owner-only permissions.
+        """
         path = Path(path) if path is not None else default_store_dir()
-        recorded = _recorded_fingerprint(path)
+        store = MemoryStore.open(path, readonly=readonly, create=create, hold_lock=hold_lock, shared=shared)
+        try:
+            engine = cls._engine_for(store, model, config, device)
+        except BaseException:
+            store.close()
+            raise
+        return cls(store, engine)
+
+    @staticmethod
+    def _engine_for(store: MemoryStore, model: str | None, config: MemoryConfig | None,
+                    device: str | None) -> MemoryEngine:
+        """Load the store's model (or the given one) and bind the store to its fingerprint."""
+        recorded = store.fingerprint
         load_as = model or (recorded or {}).get("load_as", "smollm2")
         loaded = load_model(load_as, device=device)
         if config is None and recorded:
@@ -125,11 +161,11 @@ class DocumentMemory:
             | {"mem_layers": list(engine.layers)},
         }
         try:
-            store = MemoryStore.open(path, fingerprint=fingerprint, readonly=readonly)
+            store.bind_fingerprint(fingerprint)
         except BaseException:
             engine.close()
             raise
-        return cls(store, engine)
+        return engine
 
     def close(self) -> None:
         self.engine.close()
@@ -144,9 +180,18 @@ class DocumentMemory:
     # -- reading --------------------------------------------------------------------------------
 
     def read_file(self, path: str | os.PathLike[str], *, name: str | None = None, **options: Any) -> tuple[DocumentRecord, bool]:
-        """Read a text or markdown file; see read_text. The name defaults to the file name."""
+        """Read a text or markdown file; see read_text. The name defaults to the file name.
+
+        A symbolic link is followed: the text is the target's, the source path recorded is the
+        path as given (absolute), and the target's path is kept in the metadata as `link_target`.
+        """
         path = Path(path)
-        return self.read_text(load_text(path), name=name or path.name, source_path=path.resolve(), **options)
+        name = validate_name(path.name if name is None else name)
+        text = load_text(path)
+        given = path.absolute()
+        if given.resolve() != given:
+            options["metadata"] = {**(options.get("metadata") or {}), "link_target": str(given.resolve())}
+        return self.read_text(text, name=name, source_path=given, **options)
 
     def read_text(
         self,
@@ -167,19 +212,24 @@ class DocumentMemory:
         plain model, and how FoT training computes memory keys; a zero-shot model loses the
         passkey that way.
         """
+        name = validate_name(name)
         if not text.strip():
             raise DocumentInputError(f"Document {name!r} is empty: there is nothing to read.")
         sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
         existing = self.store.find_by_sha256(sha256)
         if existing is not None and not force:
-            logger.info("%s is already stored as %s (%s); use force to read it again", name, existing.name, existing.id)
+            if existing.name != name:
+                logger.warning("%r has the same text as the stored %r (%s): not read again; use force to "
+                               "store it under the new name too", name, existing.name, existing.id)
             return existing, False
         encoding = self.engine.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
         ids = torch.tensor([encoding["input_ids"]], dtype=torch.long)
         dtype = self.engine.config.mem_dtype
+        needed = self._needed_bytes(ids.shape[1])
+        self.store.require_space(needed)  # before minutes of reading, not after
         with self.store.begin_document(
             name, source_path=source_path, sha256=sha256, text_length=len(text),
-            metadata=metadata, dtype=dtype, force=force, threads=self._writer_threads(),
+            metadata=metadata, dtype=dtype, force=force, threads=self._writer_threads(), expected_bytes=needed,
         ) as writer:
             writer.add_chunks(_chunks(text, encoding["offset_mapping"]))
 
@@ -193,6 +243,14 @@ class DocumentMemory:
             finally:
                 self.engine.reset()
         return writer.record, True
+
+    def _needed_bytes(self, num_tokens: int) -> int:
+        """About how much disk a document of `num_tokens` tokens takes in this store."""
+        config = self.engine.model.config
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return estimate_document_bytes(num_tokens, layers=len(self.engine.layers), kv_heads=kv_heads,
+                                       head_dim=head_dim, dtype=self.engine.config.mem_dtype)
 
     def _writer_threads(self) -> int:
         """Store writer threads: one beside a model on the CPU (it needs the cores); with the model
@@ -217,12 +275,15 @@ class DocumentMemory:
         """Answer from the documents named in `docs` (ids or names; None: all), with sources.
 
         exact=True scans every stored key instead of searching the hnswlib indexes: the
-        reference, slower on large stores.
+        reference, slower on large stores. A damaged document is left out (with a warning, and
+        listed in `Answer.left_out`) unless `docs` names it, which raises CorruptDocumentError.
+        Everything the answer needs is opened before generating, so a document forgotten by
+        another process meanwhile still answers.
         """
-        records, prompt = self._records_and_prompt(question, docs, chat)
+        records, left_out, prompt = self._records_and_prompt(question, docs, chat)
         with self._attending(records, exact) as (memories, attention):
             text = self._generate(prompt, max_new_tokens, on_text, generate_options)
-        return Answer(text, self._sources(memories, records, attention, num_sources))
+        return Answer(text, self._sources(memories, records, attention, num_sources), left_out)
 
     def find_sources(
         self, question: str, *, docs: Sequence[str] | None = None, chat: bool = True, num_sources: int = 3
@@ -232,30 +293,48 @@ class DocumentMemory:
         One forward pass over the question, no answer generated: retrieval for llama-index's
         retrievers and memory blocks. Sources are ranked as in `ask`.
         """
-        records, prompt = self._records_and_prompt(question, docs, chat)
+        records, _, prompt = self._records_and_prompt(question, docs, chat)
         with self._attending(records) as (memories, attention), torch.no_grad():
             self.engine.model(input_ids=prompt, attention_mask=torch.ones_like(prompt), use_cache=False)
         return self._sources(memories, records, attention, num_sources)
 
     def _records_and_prompt(
         self, question: str, docs: Sequence[str] | None, chat: bool
-    ) -> tuple[list[DocumentRecord], torch.Tensor]:
+    ) -> tuple[list[DocumentRecord], list[LeftOut], torch.Tensor]:
         records = [self.store.document(doc) for doc in docs] if docs else self.store.documents()
         if not records:
             raise NoDocumentsError(f"The store at {self.store.path} holds no documents: read one first.")
+        records, left_out = self._usable(records, named=bool(docs))
         prompt = self.engine.chat_prompt(question) if chat else self.engine.encode(question)
         if prompt.shape[1] > self.engine.config.context_length:
             raise QuestionTooLongError(
                 f"The question is {prompt.shape[1]} tokens; at most {self.engine.config.context_length} fit "
                 "the local context. Read long material as a document and ask a short question."
             )
-        return records, prompt
+        for record in records:  # chunks now: a forget during generation cannot take them away
+            self._chunks_of(record.id)
+        return records, left_out, prompt
+
+    def _usable(self, records: list[DocumentRecord], named: bool) -> tuple[list[DocumentRecord], list[LeftOut]]:
+        """The documents whose files check out; damaged ones are an error if named, else left out."""
+        good, damaged = self.store.usable(records)
+        by_id = {record.id: record for record in records}
+        if damaged and named:
+            doc_id, problem = next(iter(damaged.items()))
+            raise CorruptDocumentError(doc_id, by_id[doc_id].name, problem)
+        left_out = [LeftOut(by_id[doc_id].name, doc_id, problem) for doc_id, problem in damaged.items()]
+        for item in left_out:
+            logger.warning("left out damaged document %r (%s): %s", item.doc, item.doc_id, item.problem)
+        if not good:
+            raise NoDocumentsError(f"Every document in the store at {self.store.path} is damaged: "
+                                   "run `fot-memory verify` to see why, then forget and read them again.")
+        return good, left_out
 
     @contextlib.contextmanager
     def _attending(self, records: list[DocumentRecord], exact: bool = False) -> Iterator[tuple[dict, torch.Tensor]]:
         """Memory over `records` attached to the engine; yields (memories, attention per memory token)."""
         exact = exact or self.engine.config.retrieval == "exact"
-        memories = {layer: self.store.memory(layer, [r.id for r in records], exact=exact) for layer in self.engine.layers}
+        memories = {layer: self.store.memory(layer, records, exact=exact) for layer in self.engine.layers}
         attention = torch.zeros(len(next(iter(memories.values()))), dtype=torch.float64)
 
         def record(layer: int, token_ids: torch.Tensor, weights: torch.Tensor) -> None:
@@ -328,15 +407,6 @@ class DocumentMemory:
 
     def info(self) -> dict[str, Any]:
         return self.store.info()
-
-
-def _recorded_fingerprint(path: Path) -> dict[str, Any] | None:
-    """What an existing store recorded (None for a new or empty store)."""
-    try:
-        with MemoryStore.open(path, create=False, readonly=True) as store:
-            return store.fingerprint
-    except StoreNotFoundError:
-        return None
 
 
 def _as_config_fields(recorded: dict[str, Any]) -> dict[str, Any]:

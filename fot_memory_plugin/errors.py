@@ -14,9 +14,14 @@ from .persistence.errors import (
     FingerprintRequiredError,
     IncompatibleStoreError,
     InvalidDocumentNameError,
+    StoreDatabaseError,
+    StoreDatabaseMissingError,
+    StoreDiskFullError,
     StoreError,
     StoreLockedError,
     StoreNotFoundError,
+    StorePathError,
+    StorePermissionError,
     StoreReadOnlyError,
     StoreVersionError,
 )
@@ -40,6 +45,11 @@ __all__ = [
     "DocumentNotFoundError",
     "InvalidDocumentNameError",
     "DuplicateDocumentError",
+    "StoreDatabaseError",
+    "StoreDatabaseMissingError",
+    "StoreDiskFullError",
+    "StorePathError",
+    "StorePermissionError",
 ]
 
 

@@ -12,20 +12,28 @@ from .errors import (
     FingerprintRequiredError,
     IncompatibleStoreError,
     InvalidDocumentNameError,
+    StoreDatabaseError,
+    StoreDatabaseMissingError,
+    StoreDiskFullError,
     StoreError,
     StoreLockedError,
     StoreNotFoundError,
+    StorePathError,
+    StorePermissionError,
     StoreReadOnlyError,
     StoreVersionError,
 )
 from .hnsw_index import IndexParams, default_ef, num_threads
 from .memory import DEFAULT_EXACT_BELOW, PersistentHits, PersistentMemory
 from .metadata import FORMAT_VERSION, Chunk, DocumentRecord
+from .repair import RepairReport, repair_store
 from .store import MemoryStore
 from .writer import DocumentWriter
 
 __all__ = [
     "MemoryStore",
+    "repair_store",
+    "RepairReport",
     "DocumentWriter",
     "PersistentMemory",
     "PersistentHits",
@@ -47,4 +55,9 @@ __all__ = [
     "DocumentNotFoundError",
     "InvalidDocumentNameError",
     "DuplicateDocumentError",
+    "StoreDatabaseError",
+    "StoreDatabaseMissingError",
+    "StoreDiskFullError",
+    "StorePathError",
+    "StorePermissionError",
 ]

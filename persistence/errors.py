@@ -21,6 +21,11 @@ __all__ = [
     "DocumentNotFoundError",
     "InvalidDocumentNameError",
     "DuplicateDocumentError",
+    "StoreDatabaseError",
+    "StoreDatabaseMissingError",
+    "StoreDiskFullError",
+    "StorePathError",
+    "StorePermissionError",
 ]
 
 
@@ -139,3 +144,70 @@ class DuplicateDocumentError(StoreError):
             f"A document named {name!r} is already in the memory store (id {doc_id}). Pass force=True to "
             "replace it, or choose another name."
         )
+
+
+class StoreDatabaseError(StoreError):
+    """memory.sqlite cannot be read: truncated, overwritten, or not a database."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.problem = problem
+        super().__init__(
+            f"The memory store's database {path}/memory.sqlite is damaged ({problem}). The documents' "
+            f"own files are untouched: run `fot-memory repair --store {path}`, which keeps the damaged "
+            "file beside the store and rebuilds the database from the documents' manifests."
+        )
+
+
+class StoreDatabaseMissingError(StoreDatabaseError):
+    """docs/ holds document directories but memory.sqlite is gone."""
+
+    def __init__(self, path: str, directories: int) -> None:
+        self.problem = f"it is missing while docs/ holds {directories} document directories"
+        StoreError.__init__(
+            self,
+            f"The memory store at {path} has lost its database (memory.sqlite is missing) but docs/ still "
+            f"holds {directories} document directories; nothing was changed. Restore memory.sqlite from a "
+            f"backup, or run `fot-memory repair --store {path}` to rebuild it from the documents' manifests."
+        )
+
+
+class StoreDiskFullError(StoreError, OSError):
+    """The file system ran out of space (or a file-size limit was hit) while writing."""
+
+    def __init__(self, path: str, needed_bytes: int | None, free_bytes: int | None, detail: str = "") -> None:
+        self.needed_bytes, self.free_bytes = needed_bytes, free_bytes
+        needed = f"it needs about {_megabytes(needed_bytes)}" if needed_bytes else "it needs more space"
+        free = f", {_megabytes(free_bytes)} are free there" if free_bytes is not None else ""
+        StoreError.__init__(
+            self,
+            f"Not enough disk space for the memory store at {path}: {needed}{free}{detail}. The unfinished "
+            "write was removed and every stored document is unchanged. Free some space (or choose "
+            "another --store on a larger disk) and read the document again."
+        )
+
+
+class StorePathError(StoreError, NotADirectoryError):
+    """The store path (or a folder above it) is a file, not a directory."""
+
+    def __init__(self, path: str, blocker: str) -> None:
+        where = "is a file" if blocker == path else f"cannot be a directory: {blocker} is a file"
+        StoreError.__init__(
+            self,
+            f"{path} {where}, not a memory store directory. Choose another --store path (a directory, "
+            "new or existing)."
+        )
+
+
+class StorePermissionError(StoreError, PermissionError):
+    """The store (or one of its files) cannot be read or written by this user."""
+
+    def __init__(self, path: str, action: str, detail: str) -> None:
+        StoreError.__init__(
+            self,
+            f"Permission denied: cannot {action} the memory store at {path} ({detail}). Run as the user who "
+            "owns the store, fix its permissions, or use another --store path; nothing stored was changed."
+        )
+
+
+def _megabytes(count: int | None) -> str:
+    return f"{(count or 0) / 1e6:,.1f} MB"

@@ -9,10 +9,13 @@ rot, not against an adversary.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import secrets
 import shutil
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,18 +33,27 @@ __all__ = [
     "remove_tree",
     "validate_name",
     "new_doc_id",
+    "is_doc_id",
+    "MANIFEST_NAME",
+    "WRITER_MARKER",
 ]
 
 logger = logging.getLogger(__name__)
 
 _READ_BLOCK = 8 * 1024 * 1024  # bytes per read while checksumming
+MANIFEST_NAME = "manifest.json"  # in each document directory: its record and chunks (see manifest.py)
+WRITER_MARKER = "writer.json"  # in each tmp/ directory: which process is writing it
+_DOC_ID = re.compile(r"[0-9a-f]{16}")
+PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
 
 
 @dataclass(frozen=True)
 class StoreLayout:
-    """Paths inside one store directory."""
+    """Paths inside one store directory. private: new files and directories are owner-only
+    (0600 / 0700); otherwise they get the process's umask, for stores other users read."""
 
     root: Path
+    private: bool = True
 
     @property
     def sqlite(self) -> Path:
@@ -59,18 +71,42 @@ class StoreLayout:
     def tmp(self) -> Path:
         return self.root / "tmp"
 
+    @property
+    def lost_found(self) -> Path:
+        """Where `repair` moves directories it cannot account for (never deleted)."""
+        return self.root / "lost+found"
+
     def doc_dir(self, doc_id: str) -> Path:
         return self.docs / doc_id
 
     def make_dirs(self) -> None:
         for path in (self.root, self.docs, self.tmp):
-            path.mkdir(parents=True, exist_ok=True)
+            if not path.is_dir():
+                path.mkdir(parents=True, exist_ok=True)
+                self.restrict(path)
+
+    def restrict(self, path: Path) -> None:
+        """Make a file or directory this store created owner-only, if the store is private."""
+        if self.private:
+            os.chmod(path, PRIVATE_DIR if path.is_dir() else PRIVATE_FILE)
 
     def new_temp_dir(self) -> Path:
-        """A fresh private directory under tmp/ for one document being written."""
-        path = self.tmp / secrets.token_hex(8)
+        """A fresh directory under tmp/ for one document being written, with a marker that
+        names the writing process (so a clean-up can tell its own debris from anything else)."""
+        path = self.tmp / new_doc_id()
         path.mkdir(parents=True)
+        self.restrict(path)
+        marker = path / WRITER_MARKER
+        marker.write_text(json.dumps({"pid": os.getpid(), "started": time.time()}))
+        self.restrict(marker)
         return path
+
+    def is_own_debris(self, path: Path) -> bool:
+        """Whether a tmp/ entry is an unfinished write of this package: a directory named like a
+        document id holding nothing or our writer marker. Anything else is left alone."""
+        if not path.is_dir() or path.is_symlink() or not is_doc_id(path.name):
+            return False
+        return not any(path.iterdir()) or (path / WRITER_MARKER).is_file()
 
 
 def kv_filename(layer: int) -> str:
@@ -153,3 +189,8 @@ def validate_name(name: object) -> str:
 def new_doc_id() -> str:
     """A random document id (16 hex digits): directory names never depend on user input."""
     return secrets.token_hex(8)
+
+
+def is_doc_id(name: str) -> bool:
+    """Whether a directory name has the form of a document id."""
+    return _DOC_ID.fullmatch(name) is not None

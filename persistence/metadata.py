@@ -5,20 +5,29 @@ Tables:
   documents(...)          one row per READY document; the row is inserted last, in one
                           transaction with its chunks, and that commit is what makes it visible
   chunks(...)             token span <-> character span <-> text, for citations
-The database runs in WAL mode, so readers in other processes read beside the writer.
+  pending(doc_id, action) document directories a writer is publishing ('write') or removing
+                          ('delete'): the only directories a clean-up may remove, because
+                          the database says they are the store's own
+The database runs in WAL mode, so readers in other processes read beside the writer. Every
+SQLite failure surfaces as a named store error (faults.py), never a raw sqlite3 exception.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import sqlite_utils
+
+from .faults import translated
 
 __all__ = [
     "FORMAT_VERSION",
@@ -65,7 +74,25 @@ CREATE TABLE IF NOT EXISTS chunks (
     text TEXT NOT NULL,
     PRIMARY KEY (doc_id, idx)
 );
+CREATE TABLE IF NOT EXISTS pending (doc_id TEXT PRIMARY KEY, action TEXT NOT NULL, since TEXT NOT NULL);
 """
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _sqlite_faults(method: _Method) -> _Method:
+    """Raise the store's named error for any SQLite failure inside a Metadata method."""
+
+    @functools.wraps(method)
+    def wrapper(self: Metadata, *args: Any, **kwargs: Any) -> Any:
+        with translated(self.path.parent, "use the database of"):
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
 @dataclass(frozen=True)
@@ -142,27 +169,44 @@ def fingerprint_differences(stored: Any, given: Any, prefix: str = "") -> list[t
 
 
 class Metadata:
-    """The SQLite side of a store: one connection, schema, and the queries the store needs."""
+    """The SQLite side of a store: one connection, schema, and the queries the store needs.
 
-    def __init__(self, path: Path, *, readonly: bool) -> None:
+    private: create a new database file owner-only (SQLite gives its -wal and -shm files the
+    same permissions)."""
+
+    def __init__(self, path: Path, *, readonly: bool, private: bool = True) -> None:
         self.path = path
+        with translated(path.parent, "open the database of"):
+            self.db = self._connect(readonly, private)
+
+    def _connect(self, readonly: bool, private: bool) -> sqlite_utils.Database:
+        if not readonly and private and not self.path.exists():
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         if readonly:
-            conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=_BUSY_TIMEOUT_S,
+            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=_BUSY_TIMEOUT_S,
                                    check_same_thread=False)
         else:
-            conn = sqlite3.connect(str(path), timeout=_BUSY_TIMEOUT_S, check_same_thread=False)
-        self.db = sqlite_utils.Database(conn, execute_plugins=False)
-        self.db.execute("PRAGMA foreign_keys = ON")
-        if not readonly:
-            self.db.enable_wal()
-            # Commits are rare (one per document): make each durable, not just consistent.
-            self.db.execute("PRAGMA synchronous = FULL")
+            conn = sqlite3.connect(str(self.path), timeout=_BUSY_TIMEOUT_S, check_same_thread=False)
+        db = sqlite_utils.Database(conn, execute_plugins=False)
+        try:
+            db.table_names()  # reads the schema: a file that is not a database fails here
+            db.execute("PRAGMA foreign_keys = ON")
+            if not readonly:
+                db.enable_wal()
+                # Commits are rare (one per document): make each durable, not just consistent.
+                db.execute("PRAGMA synchronous = FULL")
+        except BaseException:
+            db.close()
+            raise
+        return db
 
+    @_sqlite_faults
     def format_version(self) -> int | None:
         """The recorded format version; None for a new, empty database."""
         value = self.get_meta("format_version")
         return None if value is None else int(value)
 
+    @_sqlite_faults
     def ensure_schema(self) -> None:
         """Create the tables and record FORMAT_VERSION (idempotent: racing creators are harmless)."""
         self.db.conn.executescript(_SCHEMA)
@@ -172,6 +216,7 @@ class Metadata:
     def close(self) -> None:
         self.db.close()
 
+    @_sqlite_faults
     def raise_format_version(self) -> None:
         """Record FORMAT_VERSION if an older one is recorded (before writing a document in the new
         format into an older store, so that older code refuses the store instead of misreading it)."""
@@ -182,12 +227,14 @@ class Metadata:
     def _put_meta_if_absent(self, key: str, value: str) -> None:
         self.db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", [key, value])
 
+    @_sqlite_faults
     def get_meta(self, key: str) -> str | None:
         if "meta" not in self.db.table_names():
             return None
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
         return None if row is None else row[0]
 
+    @_sqlite_faults
     def record_fingerprint(self, fingerprint: dict[str, Any]) -> dict[str, Any]:
         """Record the fingerprint unless one is recorded already; returns the one recorded."""
         with self.db.atomic():
@@ -196,12 +243,14 @@ class Metadata:
         assert stored is not None
         return json.loads(stored)
 
+    @_sqlite_faults
     def documents(self) -> list[DocumentRecord]:
         if "documents" not in self.db.table_names():
             return []
         rows = self.db.execute_returning_dicts("SELECT * FROM documents WHERE status = 'ready' ORDER BY created, id")
         return [DocumentRecord.from_row(row) for row in rows]
 
+    @_sqlite_faults
     def find(self, column: str, value: str) -> list[DocumentRecord]:
         assert column in ("id", "name", "sha256")
         if "documents" not in self.db.table_names():
@@ -211,17 +260,22 @@ class Metadata:
         )
         return [DocumentRecord.from_row(row) for row in rows]
 
+    @_sqlite_faults
     def known_ids(self) -> set[str]:
         if "documents" not in self.db.table_names():
             return set()
         return {row[0] for row in self.db.execute("SELECT id FROM documents")}
 
+    @_sqlite_faults
     def insert_document(self, record: DocumentRecord, chunks: Sequence[tuple[int, int, int, int, str]],
                         replace_ids: Iterable[str] = ()) -> None:
-        """In ONE transaction: delete the replaced documents, insert the record and its chunks."""
+        """In ONE transaction: delete the replaced documents (their directories become 'delete'
+        pending), insert the record and its chunks, and clear its own 'write' pending."""
         with self.db.atomic():
             for old in replace_ids:
                 self.db.execute("DELETE FROM documents WHERE id = ?", [old])
+                self._set_pending(old, "delete")
+            self.db.execute("DELETE FROM pending WHERE doc_id = ?", [record.id])
             self.db.table("documents").insert(record.to_row())
             self.db.table("chunks").insert_all(
                 ({"doc_id": record.id, "idx": i, "start_token": c[0], "end_token": c[1],
@@ -229,10 +283,45 @@ class Metadata:
                 batch_size=500,
             )
 
+    @_sqlite_faults
     def delete_document(self, doc_id: str) -> None:
+        """Delete a document's row (its chunks cascade); its directory becomes 'delete' pending."""
         with self.db.atomic():
-            self.db.execute("DELETE FROM documents WHERE id = ?", [doc_id])  # chunks cascade
+            self.db.execute("DELETE FROM documents WHERE id = ?", [doc_id])
+            self._set_pending(doc_id, "delete")
 
+    # -- pending: directories the store is publishing or removing ------------------------------
+
+    def _set_pending(self, doc_id: str, action: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO pending (doc_id, action, since) VALUES (?, ?, ?)",
+                        [doc_id, action, _now()])
+
+    @_sqlite_faults
+    def add_pending(self, doc_id: str, action: str) -> None:
+        """Record (committed) that docs/<doc_id> is about to be published ('write') or removed ('delete')."""
+        assert action in ("write", "delete")
+        with self.db.atomic():
+            self._set_pending(doc_id, action)
+
+    @_sqlite_faults
+    def clear_pending(self, doc_id: str) -> None:
+        with self.db.atomic():
+            self.db.execute("DELETE FROM pending WHERE doc_id = ?", [doc_id])
+
+    @_sqlite_faults
+    def pending(self) -> dict[str, str]:
+        """{doc id: 'write' | 'delete'} of directories whose publication or removal did not finish."""
+        if "pending" not in self.db.table_names():
+            return {}
+        return dict(self.db.execute("SELECT doc_id, action FROM pending").fetchall())
+
+    @_sqlite_faults
+    def integrity_problem(self) -> str | None:
+        """SQLite's own quick check of the whole file: None when it is sound."""
+        rows = [row[0] for row in self.db.execute("PRAGMA quick_check").fetchall()]
+        return None if rows == ["ok"] else "; ".join(rows[:3])
+
+    @_sqlite_faults
     def chunk_starts(self, doc_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(start_token, end_token) arrays of a document's chunks, sorted by start_token."""
         rows = self.db.execute("SELECT start_token, end_token FROM chunks WHERE doc_id = ? ORDER BY idx",
@@ -250,6 +339,8 @@ class Metadata:
                 return
             sql += f" AND idx IN ({', '.join('?' * len(wanted))})"
             params += wanted
-        for row in self.db.execute_returning_dicts(sql + " ORDER BY idx", params):
+        with translated(self.path.parent, "use the database of"):
+            rows = self.db.execute_returning_dicts(sql + " ORDER BY idx", params)
+        for row in rows:
             yield Chunk(row["doc_id"], row["idx"], row["start_token"], row["end_token"],
                         row["start_char"], row["end_char"], row["text"])

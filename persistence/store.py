@@ -7,11 +7,19 @@ STORE/
   docs/<doc_id>/layer<L>.kv      keys and values of memory layer L (see kvfile.py)
   docs/<doc_id>/layer<L>.h<H>.hnsw   hnswlib index over the keys of KV head H (see hnsw_index.py)
   docs/<doc_id>/layer<L>.h<H>.extra.npz   its exact-list tokens, collapsed duplicates and centre
-  tmp/                           documents being written; removed on the next writer-side open
+  docs/<doc_id>/manifest.json    its record and chunks: what `repair` rebuilds the database from
+  tmp/<doc_id>/                  documents being written (with a writer marker)
+  lost+found/                    directories `repair` could not account for (never deleted)
 ```
 
 Readers need no lock (SQLite WAL, immutable document directories); a writer holds `store.lock`
 while it writes one document, so only one process writes at a time.
+
+Nothing is deleted unless the store can prove it is its own debris: a writer-side open removes
+tmp/ directories that carry our writer marker and docs/ directories that the database lists as
+pending (a crashed publication or removal). A document directory the database does not know is
+left where it is, with a warning that points at `repair`; a missing or damaged memory.sqlite
+beside document directories is an error, never a reason to clean up.
 """
 
 from __future__ import annotations
@@ -33,12 +41,16 @@ from .errors import (
     DuplicateDocumentError,
     FingerprintRequiredError,
     IncompatibleStoreError,
+    StoreDatabaseMissingError,
+    StoreDiskFullError,
     StoreLockedError,
     StoreNotFoundError,
     StoreReadOnlyError,
     StoreVersionError,
 )
+from .faults import check_store_path, free_bytes, translated
 from .files import (
+    MANIFEST_NAME,
     StoreLayout,
     crc32_file,
     extras_filename,
@@ -47,6 +59,7 @@ from .files import (
     remove_tree,
     validate_name,
 )
+from .manifest import Manifest, ManifestError, read_manifest, write_manifest
 from .hnsw_index import HnswIndex, IndexExtras, IndexParams, num_threads
 from .kvfile import STORAGE_DTYPES, kv_file_size, open_kv, rows_float32
 from .memory import DEFAULT_EXACT_BELOW, DocumentLayer, PersistentMemory
@@ -81,7 +94,8 @@ class MemoryStore:
     """
 
     def __init__(self, layout: StoreLayout, meta: Metadata, *, fingerprint: dict[str, Any] | None,
-                 given_fingerprint: bool, readonly: bool, lock_timeout: float, verify: Verify) -> None:
+                 given_fingerprint: bool, readonly: bool, lock_timeout: float, verify: Verify,
+                 held_lock: filelock.BaseFileLock | None = None) -> None:
         self._layout, self._meta = layout, meta
         self.fingerprint = fingerprint
         self._given_fingerprint = given_fingerprint
@@ -91,6 +105,7 @@ class MemoryStore:
         self._warned_legacy: set[str] = set()  # format-1 documents already warned about
         self._chunk_spans: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._load_lock = threading.Lock()
+        self._held_lock = held_lock  # the writer lock, when opened with hold_lock=True
         self._closed = False
 
     # ---- opening and closing -------------------------------------------------------------
@@ -105,27 +120,48 @@ class MemoryStore:
         readonly: bool = False,
         lock_timeout: float = 1.0,
         verify: Verify = "full",
+        hold_lock: bool = False,
+        shared: bool = False,
     ) -> MemoryStore:
         """Open (or create) the store at `path`.
 
         fingerprint: what the memory was computed with (model id, config hash, memory config,
             num_kv_heads, head_dim, mem_layers), JSON-able. Recorded by the first document write;
             an open with a different one raises IncompatibleStoreError. None: use the recorded one
-            (enough for searching; writing needs it).
+            (enough for searching; writing needs it; `bind_fingerprint` can give it later).
         create: make a new store when there is none. readonly: never write, lock or clean up.
         lock_timeout: seconds a writer waits for another writer before StoreLockedError.
         verify: "full" checks every file's CRC-32 before its first use in this process (and its
             size always); "size" checks sizes only, except hnswlib files, which are always
             checksummed because hnswlib can crash on a damaged file.
+        hold_lock: take the writer lock now and keep it until close (a CLI checks it before it
+            spends time loading a model); writes and forgets of this store then use it.
+        shared: a NEW store's files get the process's umask instead of owner-only permissions
+            (0600 / 0700), for stores other users read. An existing store keeps what it has.
         """
-        layout = StoreLayout(Path(path).expanduser().absolute())
         if verify not in ("full", "size"):
             raise ValueError(f"verify must be 'full' or 'size', got {verify!r}.")
-        if not layout.sqlite.exists():
-            if readonly or not create:
-                raise StoreNotFoundError(str(layout.root))
-            layout.make_dirs()
-        meta = Metadata(layout.sqlite, readonly=readonly)
+        root = Path(path).expanduser().absolute()
+        check_store_path(root)
+        layout = StoreLayout(root, private=cls._is_private(root, shared))
+        with translated(root, "open"):
+            if not layout.sqlite.exists():
+                cls._refuse_lost_database(layout)
+                if readonly or not create:
+                    raise StoreNotFoundError(str(layout.root))
+                layout.make_dirs()
+            lock = cls._take_lock(layout, lock_timeout) if hold_lock and not readonly else None
+            try:
+                return cls._open_meta(layout, fingerprint, readonly, lock_timeout, verify, lock)
+            except BaseException:
+                if lock is not None:
+                    lock.release()
+                raise
+
+    @classmethod
+    def _open_meta(cls, layout: StoreLayout, fingerprint: dict[str, Any] | None, readonly: bool,
+                   lock_timeout: float, verify: Verify, lock: filelock.BaseFileLock | None) -> MemoryStore:
+        meta = Metadata(layout.sqlite, readonly=readonly, private=layout.private)
         try:
             stored_fp = cls._check_meta(layout, meta, readonly)
             given = normalise_fingerprint(fingerprint) if fingerprint is not None else None
@@ -138,10 +174,40 @@ class MemoryStore:
             raise
         store = cls(layout, meta, fingerprint=stored_fp if stored_fp is not None else given,
                     given_fingerprint=given is not None,
-                    readonly=readonly, lock_timeout=lock_timeout, verify=verify)
+                    readonly=readonly, lock_timeout=lock_timeout, verify=verify, held_lock=lock)
         if not readonly:
-            store._clean_up_if_unlocked()
+            try:
+                store._clean_up_if_unlocked()
+            except BaseException:
+                store.close()
+                raise
         return store
+
+    @staticmethod
+    def _is_private(root: Path, shared: bool) -> bool:
+        """A new store is private unless shared; an existing one stays as its root directory is."""
+        if root.is_dir() and (root / "memory.sqlite").exists():
+            return not root.stat().st_mode & 0o077
+        return not shared
+
+    @staticmethod
+    def _refuse_lost_database(layout: StoreLayout) -> None:
+        """No memory.sqlite: fine for a new store, an error if docs/ still holds documents."""
+        if layout.docs.is_dir():
+            directories = [entry for entry in layout.docs.iterdir() if entry.is_dir()]
+            if directories:
+                raise StoreDatabaseMissingError(str(layout.root), len(directories))
+
+    @staticmethod
+    def _take_lock(layout: StoreLayout, timeout: float) -> filelock.BaseFileLock:
+        """A NEW lock object each time: flock conflicts even with another writer in this process."""
+        mode = {"mode": 0o600} if layout.private else {}
+        lock = filelock.FileLock(str(layout.lock), thread_local=False, **mode)
+        try:
+            lock.acquire(timeout=timeout)
+        except filelock.Timeout:
+            raise StoreLockedError(str(layout.root), timeout) from None
+        return lock
 
     @staticmethod
     def _check_meta(layout: StoreLayout, meta: Metadata, readonly: bool) -> dict[str, Any] | None:
@@ -161,6 +227,21 @@ class MemoryStore:
             self._closed = True
             self._meta.close()
             self._loaded.clear()
+            if self._held_lock is not None:
+                self._held_lock.release()
+                self._held_lock = None
+
+    def bind_fingerprint(self, fingerprint: dict[str, Any]) -> None:
+        """Give the fingerprint of the model that will write (after opening without one, to load
+        the model only once the store is known to be usable). IncompatibleStoreError if it
+        differs from the recorded one."""
+        given = normalise_fingerprint(fingerprint)
+        recorded = self._meta.get_meta("fingerprint")
+        if recorded is not None:
+            differences = fingerprint_differences(normalise_fingerprint(json.loads(recorded)), given)
+            if differences:
+                raise IncompatibleStoreError(str(self.path), differences)
+        self.fingerprint, self._given_fingerprint = given, True
 
     def __enter__(self) -> MemoryStore:
         return self
@@ -177,36 +258,70 @@ class MemoryStore:
 
     # ---- the writer lock and clean-up ----------------------------------------------------
 
-    def _acquire_lock(self, timeout: float) -> filelock.BaseFileLock:
-        """A NEW lock object each time: flock conflicts even with another writer in this process."""
-        lock = filelock.FileLock(str(self._layout.lock), thread_local=False)
-        try:
-            lock.acquire(timeout=timeout)
-        except filelock.Timeout:
-            raise StoreLockedError(str(self.path), timeout) from None
-        return lock
+    def _acquire_lock(self, timeout: float) -> filelock.BaseFileLock | _HeldLock:
+        """The writer lock: the one this store holds (hold_lock=True), else a new one."""
+        if self._held_lock is not None:
+            return _HeldLock()
+        return self._take_lock(self._layout, timeout)
 
     def _clean_up_if_unlocked(self) -> None:
-        """Remove leftovers of crashed writers, but only if no writer is running now."""
+        """Remove leftovers of crashed writers, but only if no writer is running now, and only
+        what the store can prove is its own (see the module docstring)."""
         try:
             lock = self._acquire_lock(timeout=0)
         except StoreLockedError:
             logger.debug("a writer is active in %s; clean-up skipped", self.path)
             return
         try:
-            for leftover in sorted(self._layout.tmp.iterdir()):
-                logger.warning("removing unfinished write %s (a writer crashed)", leftover)
-                if leftover.is_dir():
-                    remove_tree(leftover)
-                else:
-                    leftover.unlink(missing_ok=True)
-            known = self._meta.known_ids()
-            for directory in sorted(self._layout.docs.iterdir()):
-                if directory.is_dir() and directory.name not in known:
-                    logger.warning("removing %s: no committed document owns it (a writer crashed)", directory)
-                    remove_tree(directory)
+            with translated(self.path, "clean up"):
+                self._remove_unfinished_writes()
+                self._remove_pending_directories()
+                self._warn_unknown_directories()
+                self._write_missing_manifests()
         finally:
             lock.release()
+
+    def _remove_unfinished_writes(self) -> None:
+        for leftover in sorted(self._layout.tmp.iterdir()):
+            if self._layout.is_own_debris(leftover):
+                logger.warning("removing unfinished write %s (a writer crashed)", leftover)
+                remove_tree(leftover)
+            else:
+                logger.warning("leaving %s alone: fot-memory did not write it (move it out of tmp/)", leftover)
+
+    def _remove_pending_directories(self) -> None:
+        """Directories of a publication or removal that did not finish (the database lists them)."""
+        known = self._meta.known_ids()
+        for doc_id, action in sorted(self._meta.pending().items()):
+            directory = self._layout.doc_dir(doc_id)
+            if doc_id in known:  # its row is committed: nothing to undo
+                self._meta.clear_pending(doc_id)
+                continue
+            if directory.exists():
+                verb = "unpublished write" if action == "write" else "forgotten or replaced document"
+                logger.warning("removing %s: the %s of a writer that crashed", directory, verb)
+                remove_tree(directory)
+            if not directory.exists():
+                self._meta.clear_pending(doc_id)
+
+    def _warn_unknown_directories(self) -> None:
+        known = self._meta.known_ids()
+        for directory in sorted(self._layout.docs.iterdir()):
+            if directory.name not in known:
+                logger.warning("%s belongs to no document in the database and is left as it is: run "
+                               "`fot-memory repair --store %s` to restore it or move it to lost+found/",
+                               directory, self.path)
+
+    def _write_missing_manifests(self) -> None:
+        """Documents stored before manifests existed get one, so `repair` can restore them too."""
+        fingerprint = self.fingerprint or {}
+        for record in self._meta.documents():
+            directory = self._layout.doc_dir(record.id)
+            if directory.is_dir() and not (directory / MANIFEST_NAME).exists():
+                chunks = [(c.start_token, c.end_token, c.start_char, c.end_char, c.text)
+                          for c in self._meta.chunks(record.id)]
+                write_manifest(self._layout, directory, Manifest(record, chunks, fingerprint,
+                                                                 self._meta.format_version() or 0))
 
     def _require_writable(self, action: str) -> None:
         if self.readonly:
@@ -226,6 +341,7 @@ class MemoryStore:
         force: bool = False,
         index_params: IndexParams | None = None,
         threads: int = 1,
+        expected_bytes: int | None = None,
     ) -> DocumentWriter:
         """Start writing a document; returns a DocumentWriter holding the writer lock.
 
@@ -233,7 +349,8 @@ class MemoryStore:
         stored keys and values ("float16", "float32" or "bfloat16"). force: replace a document
         of the same name (atomically, at commit). threads: background threads writing and
         indexing (each takes some of the files and (layer, KV head) indexes): 1 beside a model
-        computing on the CPU, more when it runs on a GPU. Raises StoreLockedError after
+        computing on the CPU, more when it runs on a GPU. expected_bytes: the document's size on
+        disk if known (`estimate_document_bytes`), for the message of a StoreDiskFullError. Raises StoreLockedError after
         lock_timeout seconds if another writer is active, DuplicateDocumentError (at commit too)
         without force.
         """
@@ -250,22 +367,29 @@ class MemoryStore:
         metadata = normalise_fingerprint(metadata or {})  # same JSON check as for fingerprints
         lock = self._acquire_lock(self.lock_timeout)
         try:
-            self._record_fingerprint()
-            self._meta.raise_format_version()
-            existing = self._meta.find("name", name)
-            if existing and not force:
-                raise DuplicateDocumentError(name, existing[0].id)
-            assert self.fingerprint is not None
-            return DocumentWriter(
-                self._layout, self._meta, _Releaser(lock), name=name,
-                source_path=None if source_path is None else str(source_path), sha256=sha256,
-                text_length=text_length, metadata=metadata, dtype=dtype,
-                index_params=index_params or IndexParams(), fingerprint=self.fingerprint, force=force,
-                threads=threads,
-            )
+            with translated(self.path, "write a document into"):
+                self._record_fingerprint()
+                self._meta.raise_format_version()
+                existing = self._meta.find("name", name)
+                if existing and not force:
+                    raise DuplicateDocumentError(name, existing[0].id)
+                assert self.fingerprint is not None
+                return DocumentWriter(
+                    self._layout, self._meta, _Releaser(lock), name=name,
+                    source_path=None if source_path is None else str(source_path), sha256=sha256,
+                    text_length=text_length, metadata=metadata, dtype=dtype,
+                    index_params=index_params or IndexParams(), fingerprint=self.fingerprint, force=force,
+                    threads=threads, expected_bytes=expected_bytes,
+                )
         except BaseException:
             lock.release()
             raise
+
+    def require_space(self, needed_bytes: int) -> None:
+        """StoreDiskFullError now, before any work, if the store's disk has less free space."""
+        free = free_bytes(self.path)
+        if free is not None and free < needed_bytes:
+            raise StoreDiskFullError(str(self.path), needed_bytes, free)
 
     def _record_fingerprint(self) -> None:
         """Under the writer lock: record our fingerprint, or check it against one recorded meanwhile."""
@@ -276,13 +400,18 @@ class MemoryStore:
             raise IncompatibleStoreError(str(self.path), differences)
 
     def forget(self, id_or_name: str) -> DocumentRecord:
-        """Remove a document: its row first (one transaction), then its directory. Returns its record."""
+        """Remove a document: its row first (one transaction that lists its directory as pending
+        removal), then its directory. Returns its record. Processes already answering from it
+        keep their open files."""
         self._require_writable("forget a document")
         lock = self._acquire_lock(self.lock_timeout)
         try:
-            record = self.document(id_or_name)
-            self._meta.delete_document(record.id)
-            remove_tree(self._layout.doc_dir(record.id))
+            with translated(self.path, "forget a document in"):
+                record = self.document(id_or_name)
+                self._meta.delete_document(record.id)
+                remove_tree(self._layout.doc_dir(record.id))
+                if not self._layout.doc_dir(record.id).exists():
+                    self._meta.clear_pending(record.id)
         finally:
             lock.release()
         with self._load_lock:
@@ -341,13 +470,20 @@ class MemoryStore:
         return found[-1] if found else None
 
     def info(self) -> dict[str, Any]:
-        """Summary: path, format version, fingerprint, document count, total tokens, bytes on disk."""
+        """Summary: path, format version, fingerprint, documents, total tokens, bytes on disk (the
+        database and ready documents; unfinished writes apart), damaged documents (by size)."""
         records = self.documents()
-        size = sum(file.stat().st_size for file in self.path.rglob("*") if file.is_file())
+        known = {record.id for record in records}
+        docs = [entry for entry in self._layout.docs.iterdir()] if self._layout.docs.is_dir() else []
+        size = _tree_bytes([self._layout.root / name for name in os.listdir(self.path)
+                            if name.startswith("memory.sqlite")] + [d for d in docs if d.name in known])
         return {
             "path": str(self.path), "format_version": self._meta.format_version() or FORMAT_VERSION,
             "fingerprint": self.fingerprint, "documents": len(records),
             "total_tokens": sum(record.num_tokens for record in records), "bytes_on_disk": size,
+            "unfinished_write_bytes": _tree_bytes([self._layout.tmp]),
+            "unknown_directories": sorted(d.name for d in docs if d.name not in known),
+            "damaged_documents": sorted(self.document(doc_id).name for doc_id in self.verify(checksum=False)),
         }
 
     def chunks(self, id_or_name: str, token_indices: Sequence[int] | np.ndarray | None = None) -> list[Chunk]:
@@ -367,17 +503,50 @@ class MemoryStore:
 
     # ---- integrity -----------------------------------------------------------------------
 
-    def verify(self, id_or_name: str | None = None) -> dict[str, str]:
-        """Check sizes and CRC-32 of every file of one or all documents; returns {doc id: problem}."""
+    def verify(self, id_or_name: str | None = None, *, checksum: bool = True) -> dict[str, str]:
+        """Check every file of one or all documents, indexes and manifest included: sizes, and
+        with checksum=True their CRC-32 (read again, not trusted from an earlier check).
+        Returns {doc id: problem} for the damaged ones."""
         records = self.documents() if id_or_name is None else [self.document(id_or_name)]
         problems: dict[str, str] = {}
         for record in records:
             try:
+                if checksum:
+                    self._verified = {key for key in self._verified if key[0] != record.id}
                 for file_name in record.files:
-                    self._check_file(record, file_name, checksum=True)
+                    self._check_file(record, file_name, checksum=checksum)
+                if checksum:
+                    self._check_manifest(record)
             except CorruptDocumentError as error:
                 problems[record.id] = error.problem
         return problems
+
+    def _check_manifest(self, record: DocumentRecord) -> None:
+        """A manifest, where there is one, must be sound and describe this record."""
+        directory = self._layout.doc_dir(record.id)
+        if not (directory / MANIFEST_NAME).exists():
+            return  # stored before manifests: the next writer-side open writes one
+        try:
+            manifest = read_manifest(directory)
+        except ManifestError as error:
+            raise CorruptDocumentError(record.id, record.name, str(error)) from None
+        if manifest.record.to_row() != record.to_row():
+            raise CorruptDocumentError(record.id, record.name, f"{MANIFEST_NAME} describes another document")
+
+    def usable(self, records: Sequence[DocumentRecord]) -> tuple[list[DocumentRecord], dict[str, str]]:
+        """Split documents into those whose files all check out (sizes, and checksums as `verify`
+        mode says; every index too, even of documents searched exactly) and {id: problem} of
+        the damaged ones, so a question over many documents can leave the damaged out."""
+        good, damaged = [], {}
+        for record in records:
+            try:
+                for file_name in record.files:
+                    checksum = self.verify_mode == "full" or file_name.endswith(".hnsw")
+                    self._check_file(record, file_name, checksum=checksum)
+                good.append(record)
+            except CorruptDocumentError as error:
+                damaged[record.id] = error.problem
+        return good, damaged
 
     def _check_file(self, record: DocumentRecord, file_name: str, *, checksum: bool) -> Path:
         """Path of one of a document's files after checking its size (and CRC-32 once per process)."""
@@ -388,8 +557,8 @@ class MemoryStore:
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            if not self._meta.find("id", record.id):
-                raise DocumentNotFoundError(record.id, [r.name for r in self.documents()]) from None
+            if not self._meta.find("id", record.id):  # forgotten meanwhile
+                raise DocumentNotFoundError(record.name, [r.name for r in self.documents()]) from None
             raise CorruptDocumentError(record.id, record.name, f"{file_name} is missing") from None
         if size != expected["size"]:
             raise CorruptDocumentError(record.id, record.name,
@@ -405,7 +574,7 @@ class MemoryStore:
     def memory(
         self,
         layer: int,
-        doc_ids: Sequence[str] | None = None,
+        doc_ids: Sequence[str | DocumentRecord] | None = None,
         *,
         ef: int | None = None,
         exact: bool = False,
@@ -421,7 +590,8 @@ class MemoryStore:
         if isinstance(doc_ids, str):
             raise TypeError(f"doc_ids must be a list of ids or names, got the string {doc_ids!r}; "
                             f"use [{doc_ids!r}].")
-        records = self.documents() if doc_ids is None else [self.document(key) for key in doc_ids]
+        records = self.documents() if doc_ids is None else [
+            key if isinstance(key, DocumentRecord) else self.document(key) for key in doc_ids]
         if len({record.id for record in records}) != len(records):
             raise ValueError(f"doc_ids {list(doc_ids or [])} name a document twice: list each once.")
         need_index = not exact
@@ -478,6 +648,14 @@ class MemoryStore:
             raise CorruptDocumentError(record.id, record.name, f"{path.name} cannot be loaded ({error})") from error
 
 
+class _HeldLock:
+    """Stands for the store's held writer lock where a new lock would be taken: releasing it
+    leaves the store's lock held."""
+
+    def release(self) -> None:
+        pass
+
+
 class _Releaser:
     """Releases a writer lock once (a writer may both abort and exit)."""
 
@@ -488,3 +666,17 @@ class _Releaser:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+def _tree_bytes(paths: Sequence[Path]) -> int:
+    """Bytes in these files and directory trees (links not followed)."""
+    total = 0
+    for path in paths:
+        if path.is_symlink() or not path.exists():
+            continue
+        if path.is_file():
+            total += path.stat().st_size
+            continue
+        for folder, _, files in os.walk(path):
+            total += sum((Path(folder) / name).lstat().st_size for name in files)
+    return total

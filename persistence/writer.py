@@ -7,14 +7,21 @@ model's compute; `append` only converts and queues. Nothing searches these index
 grow (reading retrieves from the engine's in-RAM memory).
 
 Order of a commit (each step survives a crash of the step after it):
-  1. the queue drained; `.kv` files closed and fsynced in tmp/<random>/
-  2. hnswlib indexes finished and saved with their extras, fsynced
-  3. the temp directory fsynced, renamed to docs/<doc_id>/, docs/ fsynced
-  4. ONE SQLite transaction: delete the documents it replaces, insert its row and chunks
-  5. replaced documents' directories removed
-A crash before 4 leaves a directory without a row, which the next writer-side open removes;
-a crash after 4 leaves a replaced directory without a row, removed the same way. Readers only
-ever see documents whose row is committed, so only complete documents.
+  1. the queue drained; `.kv` files closed and fsynced in tmp/<doc_id>/
+  2. hnswlib indexes finished and saved with their extras (each file's size checked: hnswlib
+     does not report a failed write), fsynced
+  3. the manifest (record and chunks, for `repair`) written and fsynced
+  4. docs/<doc_id> recorded as 'write' pending (committed); the temp directory renamed to
+     docs/<doc_id>/, docs/ fsynced
+  5. ONE SQLite transaction: delete the documents it replaces (now 'delete' pending), insert
+     its row and chunks, clear its own pending
+  6. replaced documents' directories removed, their pending cleared
+A crash before 4 leaves a tmp/ directory with our writer marker; a crash in 4 or before 5 a
+'write'-pending directory without a row; a crash before the end of 6 a 'delete'-pending one.
+The next writer-side open removes exactly those, because the database says they are ours, and
+nothing else. Readers only ever see documents whose row is committed, so only complete documents.
+A full disk (or a file-size limit) anywhere raises StoreDiskFullError after the unfinished
+write is removed.
 """
 
 from __future__ import annotations
@@ -26,13 +33,16 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import DuplicateDocumentError
+from .errors import DuplicateDocumentError, StoreDiskFullError, StoreError
+from .faults import as_store_error, free_bytes
 from .files import (
+    WRITER_MARKER,
     StoreLayout,
     crc32_file,
     extras_filename,
@@ -40,14 +50,14 @@ from .files import (
     fsync_file,
     index_filename,
     kv_filename,
-    new_doc_id,
     remove_tree,
 )
 from .hnsw_index import IndexBuilder, IndexParams
-from .kvfile import KVFileWriter, to_storage
-from .metadata import DocumentRecord, Metadata
+from .kvfile import KVFileWriter, kv_file_size, to_storage
+from .manifest import Manifest, write_manifest
+from .metadata import FORMAT_VERSION, DocumentRecord, Metadata
 
-__all__ = ["DocumentWriter", "ChunkSpan"]
+__all__ = ["DocumentWriter", "ChunkSpan", "estimate_document_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +77,16 @@ after_step: Callable[[str], None] = _no_step
 # Jobs (a window's `.kv` write, or one head's inserts) waiting for the background threads, all
 # together: 64 appends of a 3-KV-head layer on one thread. Bounds RAM; append blocks beyond.
 _QUEUED_JOBS = 256
+
+
+def estimate_document_bytes(num_tokens: int, *, layers: int, kv_heads: int, head_dim: int, dtype: str,
+                            M: int = IndexParams().M) -> int:
+    """About how many bytes a document takes on disk: its `.kv` files plus hnswlib graphs (per
+    key: level-0 links (2M + 1 ints), the key plus one coordinate, its label; upper levels add
+    about 1/M of that again). Chunks and extras are small beside these."""
+    per_key = (2 * M + 1) * 4 + (head_dim + 1) * 4 + 8
+    graph = int(num_tokens * kv_heads * per_key * (1 + 1 / M))
+    return layers * (kv_file_size(num_tokens, kv_heads, head_dim, dtype) + graph)
 
 
 class _Background:
@@ -191,9 +211,11 @@ class DocumentWriter:
         fingerprint: dict[str, Any],
         force: bool,
         threads: int = 1,
+        expected_bytes: int | None = None,
     ) -> None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be an int >= 1, got {threads!r}.")
+        self._fingerprint, self._expected_bytes = fingerprint, expected_bytes
         self._layout, self._meta, self._release_lock = layout, meta, release_lock
         self.name, self.source_path, self.sha256 = name, source_path, sha256
         self.text_length, self.metadata, self.dtype = text_length, metadata, dtype
@@ -201,7 +223,6 @@ class DocumentWriter:
         self._expect_layers = fingerprint.get("mem_layers")
         self._kv_heads: int | None = fingerprint.get("num_kv_heads")
         self._head_dim: int | None = fingerprint.get("head_dim")
-        self.doc_id = new_doc_id()
         self._files: dict[int, KVFileWriter] = {}
         self._builders: dict[int, list[IndexBuilder]] = {}  # per layer, one per KV head
         self._counts: dict[int, int] = {}  # tokens appended per layer (queued ones included)
@@ -209,6 +230,8 @@ class DocumentWriter:
         self._state = "open"  # -> "committed" | "aborted"
         self.record: DocumentRecord | None = None
         self._tmp = layout.new_temp_dir()
+        self.doc_id = self._tmp.name  # the directory's name in tmp/ and, once published, in docs/
+        self._pending_added = False
         self._background = _Lanes(threads)
 
     def __enter__(self) -> DocumentWriter:
@@ -229,8 +252,16 @@ class DocumentWriter:
         """Append one reading window of one memory layer: keys and values (Hkv, T, D), pre-RoPE keys.
 
         Call once per layer per window, windows in token order; all layers must end equally long.
+        A full disk met by the background writer raises StoreDiskFullError here (or at commit),
+        with the unfinished document removed.
         """
         self._require_open()
+        try:
+            self._append(layer, keys, values)
+        except OSError as error:
+            self._fail(error)
+
+    def _append(self, layer: int, keys: np.ndarray | torch.Tensor, values: np.ndarray | torch.Tensor) -> None:
         keys, values = _as_array("keys", keys), _as_array("values", values)
         if tuple(keys.shape) != tuple(values.shape):
             raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} differ in shape.")
@@ -248,6 +279,7 @@ class DocumentWriter:
         if layer not in self._files:
             path = self._tmp / kv_filename(layer)
             self._files[layer] = KVFileWriter(path, kv_heads, head_dim, self.dtype)
+            self._layout.restrict(path)
             self._builders[layer] = [IndexBuilder(head_dim, self.index_params) for _ in range(kv_heads)]
             self._counts[layer] = 0
         self._counts[layer] += length
@@ -312,6 +344,8 @@ class DocumentWriter:
             after_step("files_written")
             record = self._make_record(num_tokens, files, summary)
             replaced = self._publish(record, chunks)
+        except OSError as error:
+            self._fail(error)
         except BaseException:
             self.abort()
             raise
@@ -320,10 +354,27 @@ class DocumentWriter:
         self._release_lock()
         for old in replaced:
             remove_tree(self._layout.doc_dir(old))
+            if not self._layout.doc_dir(old).exists():
+                self._meta.clear_pending(old)
         after_step("committed")
         logger.info("stored document %r (%s): %d tokens, %d layers in %.1f s", record.name, record.id,
                     num_tokens, len(record.layers), time.perf_counter() - started)
         return record
+
+    def _fail(self, error: OSError) -> None:
+        """Abort, then raise the store's named error for an OS failure (disk full, permission)."""
+        self.abort()
+        converted = as_store_error(error, self._layout.root, "write a document into", self._needed_bytes())
+        if converted is None:
+            raise error
+        raise converted from error
+
+    def _needed_bytes(self) -> int:
+        """The caller's estimate of the whole document, else one from what was appended so far."""
+        if self._expected_bytes:
+            return self._expected_bytes
+        return estimate_document_bytes(self.num_tokens, layers=len(self._files) or 1, kv_heads=self._kv_heads or 1,
+                                       head_dim=self._head_dim or 1, dtype=self.dtype, M=self.index_params.M)
 
     def _finish_kv_files(self) -> dict[str, dict[str, Any]]:
         files: dict[str, dict[str, Any]] = {}
@@ -344,15 +395,25 @@ class DocumentWriter:
                 index, extras = builder.finish()
                 paths = (self._tmp / index_filename(layer, head), self._tmp / extras_filename(layer, head))
                 index.save_index(str(paths[0]))
+                self._check_saved(paths[0], index.index_file_size())
                 extras.save(paths[1])
                 del index, builder
                 for path in paths:
+                    self._layout.restrict(path)
                     fsync_file(path)
                     files[path.name] = {"size": path.stat().st_size, "crc32": crc32_file(path)}
                 summary[str(layer)]["norm_bounds"].append(round(extras.bound, 4))
                 summary[str(layer)]["exact_keys"].append(len(extras.exact_ids))
                 summary[str(layer)]["duplicates"].append(len(extras.dup_ids))
         return summary
+
+    def _check_saved(self, path: Path, expected_size: int) -> None:
+        """hnswlib writes through a C++ stream that ignores write errors: a short file means the
+        disk filled up (or a file-size limit was hit)."""
+        size = path.stat().st_size
+        if size != expected_size:
+            raise StoreDiskFullError(str(self._layout.root), self._needed_bytes(), free_bytes(self._layout.root),
+                                     f" ({path.name}: {size} of {expected_size} bytes were written)")
 
     def _make_record(
         self, num_tokens: int, files: dict[str, dict[str, Any]], summary: dict[str, dict[str, list]]
@@ -371,11 +432,16 @@ class DocumentWriter:
         )
 
     def _publish(self, record: DocumentRecord, chunks: list[ChunkSpan]) -> list[str]:
-        """Rename the directory into docs/ and commit the row; returns ids of replaced documents."""
+        """Write the manifest, rename the directory into docs/ and commit the row; returns ids
+        of replaced documents."""
         existing = [old.id for old in self._meta.find("name", self.name)]
         if existing and not self.force:
             raise DuplicateDocumentError(self.name, existing[0])
+        write_manifest(self._layout, self._tmp, Manifest(record, chunks, self._fingerprint, FORMAT_VERSION))
+        (self._tmp / WRITER_MARKER).unlink()
         fsync_dir(self._tmp)
+        self._meta.add_pending(record.id, "write")
+        self._pending_added = True
         final = self._layout.doc_dir(record.id)
         os.rename(self._tmp, final)
         self._tmp = final  # abort() now removes the published directory
@@ -394,5 +460,10 @@ class DocumentWriter:
         for writer in self._files.values():
             writer.abort()
         remove_tree(self._tmp)
+        if self._pending_added and not self._tmp.exists():
+            try:
+                self._meta.clear_pending(self.doc_id)
+            except StoreError:  # the next writer-side open clears it
+                logger.warning("could not clear the pending entry of %s", self.doc_id)
         self._release_lock()
         logger.info("discarded unfinished document %r", self.name)
