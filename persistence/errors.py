@@ -162,10 +162,10 @@ class StoreDatabaseMissingError(StoreDatabaseError):
     """docs/ holds document directories but memory.sqlite is gone."""
 
     def __init__(self, path: str, directories: int) -> None:
-        self.problem = f"it is missing while docs/ holds {directories} document directories"
+        self.problem = f"it is missing or empty while docs/ holds {directories} document directories"
         StoreError.__init__(
             self,
-            f"The memory store at {path} has lost its database (memory.sqlite is missing) but docs/ still "
+            f"The memory store at {path} has lost its database (memory.sqlite is missing or empty) but docs/ still "
             f"holds {directories} document directories; nothing was changed. Restore memory.sqlite from a "
             f"backup, or run `fot-memory repair --store {path}` to rebuild it from the documents' manifests."
         )

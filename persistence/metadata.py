@@ -189,7 +189,18 @@ class Metadata:
             conn = sqlite3.connect(str(self.path), timeout=_BUSY_TIMEOUT_S, check_same_thread=False)
         db = sqlite_utils.Database(conn, execute_plugins=False)
         try:
-            db.table_names()  # reads the schema: a file that is not a database fails here
+            try:
+                db.table_names()  # reads the schema: a file that is not a database fails here
+            except sqlite3.OperationalError:
+                if not readonly or os.access(self.path.parent, os.W_OK):
+                    raise
+                # WAL needs a -shm file beside the database; on a read-only file system nobody
+                # can change the file, so SQLite may read it as immutable instead.
+                db.close()
+                conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro&immutable=1", uri=True,
+                                       check_same_thread=False)
+                db = sqlite_utils.Database(conn, execute_plugins=False)
+                db.table_names()
             db.execute("PRAGMA foreign_keys = ON")
             if not readonly:
                 db.enable_wal()

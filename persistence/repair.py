@@ -102,7 +102,7 @@ def _sound_database(layout: StoreLayout) -> tuple[Metadata, str]:
     else:
         problem = meta.integrity_problem() if _readable(meta) else "its tables cannot be read"
         if problem is None:
-            return meta, "sound"
+            return meta, "sound" if meta.format_version() is not None else "created (it was empty)"
         meta.close()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     kept = layout.root / f"memory.sqlite.damaged-{stamp}"

@@ -163,6 +163,8 @@ class MemoryStore:
                    lock_timeout: float, verify: Verify, lock: filelock.BaseFileLock | None) -> MemoryStore:
         meta = Metadata(layout.sqlite, readonly=readonly, private=layout.private)
         try:
+            if meta.format_version() is None:  # an empty database (truncated to nothing, say)
+                cls._refuse_lost_database(layout)
             stored_fp = cls._check_meta(layout, meta, readonly)
             given = normalise_fingerprint(fingerprint) if fingerprint is not None else None
             if given is not None and stored_fp is not None:
