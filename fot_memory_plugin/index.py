@@ -235,7 +235,9 @@ class FoTMemoryQueryEngine(CustomQueryEngine):
             max_new_tokens=self.max_new_tokens, num_sources=self.num_sources,
         )
         nodes = self._index.nodes(answer.sources)
-        return Response(response=answer.text, source_nodes=nodes, metadata={"memory_docs": self.memory_docs})
+        left_out = [item.to_dict() for item in answer.left_out]  # damaged documents, skipped with a warning
+        return Response(response=answer.text, source_nodes=nodes,
+                        metadata={"memory_docs": self.memory_docs, "left_out": left_out})
 
 
 def _base_name(document: Document) -> str:

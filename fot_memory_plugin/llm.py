@@ -14,7 +14,7 @@ import logging
 import os
 import queue
 import threading
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence
 
 from llama_index.core.base.llms.generic_utils import messages_to_prompt as generic_messages_to_prompt
 from llama_index.core.base.llms.types import (
@@ -166,7 +166,7 @@ class FoTMemoryLLM(CustomLLM):
             answer = Answer(self.tokenizer.decode(new_ids[0], skip_special_tokens=True).strip(), [])
         else:
             answer = self._memory.ask(
-                text, docs=docs, chat=False, max_new_tokens=max_new_tokens, num_sources=num_sources, **options
+                text, docs=_named(docs), chat=False, max_new_tokens=max_new_tokens, num_sources=num_sources, **options
             )
         return _response(answer.text, answer)
 
@@ -181,7 +181,7 @@ class FoTMemoryLLM(CustomLLM):
         def from_memory() -> Iterator[str | Answer]:
             yield from _in_thread(
                 lambda on_text: self._memory.ask(
-                    text, docs=docs, chat=False, max_new_tokens=max_new_tokens,
+                    text, docs=_named(docs), chat=False, max_new_tokens=max_new_tokens,
                     num_sources=num_sources, on_text=on_text, **options,
                 )
             )
@@ -211,7 +211,7 @@ class FoTMemoryLLM(CustomLLM):
 
     def _prepare(
         self, prompt: str, formatted: bool, kwargs: dict[str, Any]
-    ) -> tuple[str, list[str] | None, int, int, dict[str, Any]]:
+    ) -> tuple[str, list[str] | Literal["all"] | None, int, int, dict[str, Any]]:
         options = {**self.generate_kwargs, **kwargs}
         docs = self._documents(options.pop("memory_docs", self.memory_docs))
         max_new_tokens = int(options.pop("max_new_tokens", self.max_new_tokens))
@@ -219,16 +219,23 @@ class FoTMemoryLLM(CustomLLM):
         text = prompt if formatted else self.completion_to_prompt(prompt)
         return text, docs, max_new_tokens, num_sources, options
 
-    def _documents(self, memory_docs: Sequence[str] | None) -> list[str] | None:
-        """The document ids to attend to, or None for the plain model (none chosen, or none stored)."""
+    def _documents(self, memory_docs: Sequence[str] | None) -> list[str] | Literal["all"] | None:
+        """The document ids to attend to, "all" (every stored one; damaged ones are then left out
+        rather than refused), or None for the plain model (none chosen, or none stored)."""
         if memory_docs is not None:
             return [self._memory.store.document(doc).id for doc in memory_docs] or None
-        return [record.id for record in self._memory.documents()] or None
+        return "all" if self._memory.documents() else None
+
+
+def _named(docs: list[str] | Literal["all"]) -> list[str] | None:
+    return None if docs == "all" else docs
 
 
 def _response(text: str, answer: Answer, delta: str | None = None) -> CompletionResponse:
     sources = [source.to_dict() for source in answer.sources]
-    return CompletionResponse(text=text, delta=delta, raw=answer.to_dict(), additional_kwargs={"sources": sources})
+    left_out = [item.to_dict() for item in answer.left_out]  # damaged documents the answer could not use
+    return CompletionResponse(text=text, delta=delta, raw=answer.to_dict(),
+                              additional_kwargs={"sources": sources, "left_out": left_out})
 
 
 def _in_thread(ask: Callable[[Callable[[str], None]], Answer]) -> Iterator[str | Answer]:

@@ -162,11 +162,11 @@ class StoreDatabaseMissingError(StoreDatabaseError):
     """docs/ holds document directories but memory.sqlite is gone."""
 
     def __init__(self, path: str, directories: int) -> None:
-        self.problem = f"it is missing or empty while docs/ holds {directories} document directories"
+        self.problem = f"it is missing or empty while docs/ holds {_directories(directories)}"
         StoreError.__init__(
             self,
             f"The memory store at {path} has lost its database (memory.sqlite is missing or empty) but docs/ still "
-            f"holds {directories} document directories; nothing was changed. Restore memory.sqlite from a "
+            f"holds {_directories(directories)}; nothing was changed. Restore memory.sqlite from a "
             f"backup, or run `fot-memory repair --store {path}` to rebuild it from the documents' manifests."
         )
 
@@ -180,8 +180,8 @@ class StoreDiskFullError(StoreError, OSError):
         free = f", {_megabytes(free_bytes)} are free there" if free_bytes is not None else ""
         StoreError.__init__(
             self,
-            f"Not enough disk space for the memory store at {path}: {needed}{free}{detail}. The unfinished "
-            "write was removed and every stored document is unchanged. Free some space (or choose "
+            f"Not enough disk space for the memory store at {path}: {needed}{free}{detail}. No partial "
+            "write is left and every stored document is unchanged. Free some space (or choose "
             "another --store on a larger disk) and read the document again."
         )
 
@@ -211,3 +211,7 @@ class StorePermissionError(StoreError, PermissionError):
 
 def _megabytes(count: int | None) -> str:
     return f"{(count or 0) / 1e6:,.1f} MB"
+
+
+def _directories(count: int) -> str:
+    return f"{count} document {'directory' if count == 1 else 'directories'}"

@@ -354,3 +354,20 @@ def test_damaged_documents_named_by_a_question_raise(store_path):
     with MemoryStore.open(store_path, readonly=True) as store:
         with pytest.raises(CorruptDocumentError, match="'a'"):
             store.memory(0, ["a"])
+
+
+def test_5_llama_index_responses_say_which_damaged_documents_were_left_out(text_store, tmp_path):
+    from fot_memory_plugin.index import FoTMemoryIndex
+    from fot_memory_plugin.llm import FoTMemoryLLM
+
+    store = Path(shutil.copytree(text_store, tmp_path / "store"))
+    damaged = _damage(store, "one.txt", "layer0.kv")
+    index = FoTMemoryIndex.from_persist_dir(store)
+    try:
+        response = index.as_query_engine(max_new_tokens=2).query(QUESTION)
+        assert [item["doc_id"] for item in response.metadata["left_out"]] == [damaged]
+        assert {node.node.metadata["document"] for node in response.source_nodes} == {"two.txt"}
+        completion = FoTMemoryLLM(document_memory=index.memory, max_new_tokens=2).complete(QUESTION)
+        assert [item["doc"] for item in completion.additional_kwargs["left_out"]] == ["one.txt"]
+    finally:
+        index.close()
