@@ -25,6 +25,7 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.memory.memory import BaseMemoryBlock
 from llama_index.core.tools import QueryEngineTool
 
+from .config import DEFAULT_RANKING, Ranking
 from .index import FoTMemoryIndex
 
 __all__ = ["FoTDocumentMemoryBlock", "document_memory_tool"]
@@ -43,6 +44,10 @@ class FoTDocumentMemoryBlock(BaseMemoryBlock[str]):
     )
     num_sources: int = Field(default=2, ge=1, description="Passages put into the prompt per turn.")
     max_chars: int = Field(default=600, gt=0, description="Characters kept of each passage.")
+    ranking: Ranking = Field(
+        default=DEFAULT_RANKING, description="Passage ranking: 'lift' (attention beyond a question-independent "
+        "probe) or 'attention'. The block itself is re-read answering: its passages enter the agent's prompt.",
+    )
     accept_short_term_memory: bool = Field(
         default=False, description="Chat messages are not read into document memory; read documents explicitly.",
     )
@@ -75,7 +80,8 @@ class FoTDocumentMemoryBlock(BaseMemoryBlock[str]):
         return "\n".join(lines)
 
     def _passages(self, question: str) -> list:
-        retriever = self._index.as_retriever(similarity_top_k=self.num_sources, memory_docs=self.memory_docs)
+        retriever = self._index.as_retriever(similarity_top_k=self.num_sources, memory_docs=self.memory_docs,
+                                             ranking=self.ranking)
         return retriever.retrieve(question)
 
     async def _aput(self, messages: List[ChatMessage]) -> None:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .config import MemoryConfig
+from .config import ANSWER_MODES, DEFAULT_ANSWER_MODE, DEFAULT_RANKING, RANKINGS, MemoryConfig
 
 __all__ = ["main", "build_parser", "parse_layers"]
 
@@ -188,6 +188,12 @@ def _add_store_commands(commands: argparse._SubParsersAction) -> None:
     ask.add_argument("--json", action="store_true", help='print {"answer": ..., "sources": [...]}')
     ask.add_argument("--exact", action="store_true",
                      help="scan every stored key instead of the hnswlib indexes (the reference; slower)")
+    ask.add_argument("--answer-mode", choices=ANSWER_MODES, default=DEFAULT_ANSWER_MODE,
+                     help="memory: the memory layers attend while answering; reread: the passages the question "
+                          "draws attention to are put, as text, before it (default: %(default)s)")
+    ask.add_argument("--ranking", choices=RANKINGS, default=DEFAULT_RANKING,
+                     help="source ranking: lift (attention beyond a question-independent probe) or attention "
+                          "(default: %(default)s)")
     _device_option(ask)
     ask.set_defaults(handler=_ask)
 
@@ -278,7 +284,8 @@ def _ask(args: argparse.Namespace) -> int:
         on_text = (lambda piece: print(piece, end="", flush=True)) if args.stream and not args.json else None
         answer = memory.ask(
             args.question, docs=args.doc, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
-            on_text=on_text, num_sources=args.sources, exact=args.exact,
+            on_text=on_text, num_sources=args.sources, exact=args.exact, answer_mode=args.answer_mode,
+            ranking=args.ranking,
         )
     for item in answer.left_out:
         print(f"fot-memory: note: left out the damaged document {item.doc!r} [{item.doc_id}]: {item.problem} "

@@ -7,11 +7,21 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["MemoryConfig", "PositionalMode", "Retrieval", "MEM_DTYPES"]
+__all__ = ["MemoryConfig", "PositionalMode", "Retrieval", "MEM_DTYPES", "AnswerMode", "Ranking", "ANSWER_MODES",
+           "RANKINGS", "DEFAULT_ANSWER_MODE", "DEFAULT_RANKING"]
 
 PositionalMode = Literal["zero", "fixed"]
 Retrieval = Literal["exact", "hnsw"]
 MEM_DTYPES = ("float32", "float16", "bfloat16")
+
+# How a question is answered from stored documents, and how its sources are ranked (passages.py).
+AnswerMode = Literal["memory", "reread"]
+Ranking = Literal["lift", "attention"]
+ANSWER_MODES: tuple[str, ...] = ("memory", "reread")
+RANKINGS: tuple[str, ...] = ("lift", "attention")
+# Chosen on planted facts in a held-out novel (benchmarks/README.md, "Planted facts").
+DEFAULT_ANSWER_MODE: AnswerMode = "memory"
+DEFAULT_RANKING: Ranking = "lift"
 
 
 @dataclass(frozen=True)

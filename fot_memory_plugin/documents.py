@@ -21,10 +21,21 @@ import numpy as np
 import platformdirs
 import torch
 
-from .config import MemoryConfig
+from .config import DEFAULT_ANSWER_MODE, DEFAULT_RANKING, MemoryConfig
 from .engine import MemoryEngine
 from .errors import CorruptDocumentError, DocumentInputError, NoDocumentsError, QuestionTooLongError
 from .models import load_model, model_fingerprint
+from .passages import (
+    ANSWER_MODES,
+    BASELINE_PROBE,
+    AnswerMode,
+    Ranking,
+    ScoredChunk,
+    choose_passages,
+    chunk_shares,
+    passage_text,
+    rank_chunks,
+)
 from .persistence import Chunk, DocumentRecord, MemoryStore, num_threads
 from .persistence.files import validate_name
 from .persistence.writer import estimate_document_bytes
@@ -34,6 +45,7 @@ __all__ = ["DocumentMemory", "Answer", "Source", "LeftOut", "default_store_dir",
 logger = logging.getLogger(__name__)
 
 STORE_ENV = "FOT_MEMORY_STORE"  # overrides default_store_dir()
+
 CHUNK_TOKENS = 64  # tokens per cited passage: a sentence or two of prose
 # Stores keep float16 keys and values and search with hnswlib; reading still retrieves exactly
 # from the document's own earlier windows (in RAM).
@@ -52,6 +64,7 @@ class Source:
     start_char: int
     end_char: int
     weight: float  # share of all attention paid to memory, summed over layers, heads and steps
+    lift: float = 0.0  # weight minus the share a question-independent probe gives it (passages.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,6 +125,7 @@ class DocumentMemory:
         self.store = store
         self.engine = engine
         self._chunk_cache: dict[str, tuple[list[Chunk], np.ndarray]] = {}
+        self._baselines: dict[tuple, dict[str, np.ndarray]] = {}  # (doc ids, chat, exact) -> probe shares
 
     @classmethod
     def open(
@@ -270,33 +284,92 @@ class DocumentMemory:
         on_text: Callable[[str], None] | None = None,
         num_sources: int = 3,
         exact: bool = False,
+        answer_mode: AnswerMode = DEFAULT_ANSWER_MODE,
+        ranking: Ranking = DEFAULT_RANKING,
         **generate_options: Any,
     ) -> Answer:
         """Answer from the documents named in `docs` (ids or names; None: all), with sources.
 
-        exact=True scans every stored key instead of searching the hnswlib indexes: the
+        answer_mode: "memory" generates with the memory layers attending to the documents;
+        "reread" first finds the passages the question draws memory attention to, puts their
+        text (document order, as many as fit the local context beside the question and the
+        answer) before the question, then generates with memory still attached; its sources are
+        those passages. ranking: "lift" ranks passages by the attention the question gives them
+        beyond a question-independent probe (attention sinks drop out), "attention" by plain
+        share. exact=True scans every stored key instead of searching the hnswlib indexes: the
         reference, slower on large stores. A damaged document is left out (with a warning, and
         listed in `Answer.left_out`) unless `docs` names it, which raises CorruptDocumentError.
         Everything the answer needs is opened before generating, so a document forgotten by
         another process meanwhile still answers.
         """
+        if answer_mode not in ANSWER_MODES:
+            raise ValueError(f"answer_mode must be one of {ANSWER_MODES}, got {answer_mode!r}.")
         records, left_out, prompt = self._records_and_prompt(question, docs, chat)
+        by_id = {record.id: record for record in records}
+        if answer_mode == "reread":
+            chosen, prompt = self._reread_prompt(question, records, prompt, chat, exact, ranking, max_new_tokens)
+            with self._attending(records, exact):
+                text = self._generate(prompt, max_new_tokens, on_text, generate_options)
+            return Answer(text, [_source(item, by_id) for item in chosen[:num_sources]], left_out)
         with self._attending(records, exact) as (memories, attention):
             text = self._generate(prompt, max_new_tokens, on_text, generate_options)
-        return Answer(text, self._sources(memories, records, attention, num_sources), left_out)
+        ranked = self._rank(memories, attention, records, chat, exact, ranking)
+        return Answer(text, [_source(item, by_id) for item in ranked[:num_sources]], left_out)
 
     def find_sources(
-        self, question: str, *, docs: Sequence[str] | None = None, chat: bool = True, num_sources: int = 3
+        self, question: str, *, docs: Sequence[str] | None = None, chat: bool = True, num_sources: int = 3,
+        ranking: Ranking = DEFAULT_RANKING, exact: bool = False,
     ) -> list[Source]:
         """The passages that draw the most memory attention while the model reads the question.
 
         One forward pass over the question, no answer generated: retrieval for llama-index's
-        retrievers and memory blocks. Sources are ranked as in `ask`.
+        retrievers and memory blocks, and the first step of re-read answering. Ranked as in `ask`.
         """
         records, _, prompt = self._records_and_prompt(question, docs, chat)
-        with self._attending(records) as (memories, attention), torch.no_grad():
+        by_id = {record.id: record for record in records}
+        return [_source(item, by_id) for item in self._passages(records, prompt, chat, exact, ranking)[:num_sources]]
+
+    def _passages(self, records: list[DocumentRecord], prompt: torch.Tensor, chat: bool, exact: bool,
+                  ranking: Ranking) -> list[ScoredChunk]:
+        """Every chunk the prompt draws memory attention to (one forward pass), best first."""
+        with self._attending(records, exact) as (memories, attention), torch.no_grad():
             self.engine.model(input_ids=prompt, attention_mask=torch.ones_like(prompt), use_cache=False)
-        return self._sources(memories, records, attention, num_sources)
+        return self._rank(memories, attention, records, chat, exact, ranking)
+
+    def _rank(self, memories: dict, attention: torch.Tensor, records: list[DocumentRecord], chat: bool,
+              exact: bool, ranking: Ranking) -> list[ScoredChunk]:
+        memory = next(iter(memories.values()))
+        shares = chunk_shares(attention, memory.doc_ids, memory.offsets, self.engine.config.local_window,
+                              self._chunks_of)
+        baseline = self._baseline(records, chat, exact) if ranking == "lift" else None
+        return rank_chunks(shares, baseline, self._chunks_of, ranking)
+
+    def _baseline(self, records: list[DocumentRecord], chat: bool, exact: bool) -> dict[str, np.ndarray]:
+        """Chunk shares under BASELINE_PROBE over these documents (computed once per process)."""
+        key = (tuple(record.id for record in records), chat, exact)
+        if key not in self._baselines:
+            probe = self.engine.chat_prompt(BASELINE_PROBE) if chat else self.engine.encode(BASELINE_PROBE)
+            with self._attending(records, exact) as (memories, attention), torch.no_grad():
+                self.engine.model(input_ids=probe, attention_mask=torch.ones_like(probe), use_cache=False)
+            memory = next(iter(memories.values()))
+            self._baselines[key] = chunk_shares(attention, memory.doc_ids, memory.offsets,
+                                                self.engine.config.local_window, self._chunks_of)
+        return self._baselines[key]
+
+    def _reread_prompt(self, question: str, records: list[DocumentRecord], prompt: torch.Tensor, chat: bool,
+                       exact: bool, ranking: Ranking, max_new_tokens: int) -> tuple[list[ScoredChunk], torch.Tensor]:
+        """(the passages placed, best first; the prompt: their text in document order, a blank
+        line, the question), within the local context less the answer's tokens."""
+        ranked = self._passages(records, prompt, chat, exact, ranking)
+        budget = self.engine.config.context_length - prompt.shape[1] - max_new_tokens
+        chosen = choose_passages(ranked, budget)
+        while True:
+            text = passage_text(chosen, [record.id for record in records])
+            content = f"{text}\n\n{question}" if text else question
+            full = self.engine.chat_prompt(content) if chat else self.engine.encode(content)
+            if full.shape[1] + max_new_tokens <= self.engine.config.context_length or not chosen:
+                return chosen, full
+            chosen = chosen[:-1]  # re-encoded text can be a few tokens longer than its chunks
 
     def _records_and_prompt(
         self, question: str, docs: Sequence[str] | None, chat: bool
@@ -358,38 +431,6 @@ class DocumentMemory:
             pieces.append(piece)
         return "".join(pieces).strip()
 
-    def _sources(self, memories: dict, records: list[DocumentRecord], attention: torch.Tensor, count: int) -> list[Source]:
-        """The `count` chunks with the most memory attention, heaviest first.
-
-        The first token of every reading window is left out: it is an attention sink (it saw
-        no context when read, and soaks up attention whatever the question; the document's
-        very first token alone drew 25% of all memory attention on Pride and Prejudice), so
-        it says nothing about where an answer came from. Weights are shares of the rest.
-        """
-        memory = next(iter(memories.values()))
-        attention = attention.clone()
-        for position in range(len(memory.doc_ids)):
-            start, end = int(memory.offsets[position]), int(memory.offsets[position + 1])
-            attention[start:end:self.engine.config.local_window] = 0
-        total = float(attention.sum())
-        if total <= 0 or count <= 0:
-            return []
-        by_id = {record.id: record for record in records}
-        scored: list[tuple[float, str, Chunk]] = []
-        for position, doc_id in enumerate(memory.doc_ids):
-            start, end = int(memory.offsets[position]), int(memory.offsets[position + 1])
-            chunks, starts = self._chunks_of(doc_id)
-            owner = np.searchsorted(starts, np.arange(end - start), side="right") - 1
-            per_chunk = np.bincount(owner, weights=attention[start:end].numpy(), minlength=len(chunks))
-            for index in np.argsort(per_chunk)[::-1][:count]:
-                scored.append((per_chunk[index] / total, doc_id, chunks[index]))
-        scored.sort(key=lambda item: item[0], reverse=True)
-        return [
-            Source(by_id[doc_id].name, doc_id, chunk.text, chunk.start_char, chunk.end_char, round(weight, 6))
-            for weight, doc_id, chunk in scored[:count]
-            if weight > 0
-        ]
-
     def _chunks_of(self, doc_id: str) -> tuple[list[Chunk], np.ndarray]:
         if doc_id not in self._chunk_cache:
             chunks = self.store.chunks(doc_id)
@@ -424,3 +465,9 @@ def _chunks(text: str, offsets: Sequence[tuple[int, int]]) -> list[tuple[int, in
         start_char, end_char = offsets[start][0], offsets[end - 1][1]
         chunks.append((start, end, start_char, end_char, text[start_char:end_char]))
     return chunks
+
+
+def _source(item: ScoredChunk, records: dict[str, DocumentRecord]) -> Source:
+    chunk = item.chunk
+    return Source(records[item.doc_id].name, item.doc_id, chunk.text, chunk.start_char, chunk.end_char,
+                  round(item.share, 6), round(item.lift, 6))

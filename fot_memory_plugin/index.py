@@ -37,7 +37,7 @@ from llama_index.core.schema import (
     TextNode,
 )
 
-from .config import MemoryConfig
+from .config import DEFAULT_ANSWER_MODE, DEFAULT_RANKING, AnswerMode, MemoryConfig, Ranking
 from .documents import DocumentMemory, Source
 from .persistence import DocumentRecord, StoreNotFoundError
 
@@ -163,10 +163,12 @@ class FoTMemoryIndex:
         by_ref = self.ref_docs
         return [by_ref[doc].id if doc in by_ref else self.memory.store.document(doc).id for doc in docs]
 
-    def nodes(self, sources: Sequence[Source]) -> list[NodeWithScore]:
-        """Sources as llama-index nodes: the passage text, its character span, its document's metadata."""
+    def nodes(self, sources: Sequence[Source], ranking: Ranking = DEFAULT_RANKING) -> list[NodeWithScore]:
+        """Sources as llama-index nodes: the passage text, its character span, its document's
+        metadata. A node's score is what ranked it (lift or attention share); its metadata has
+        both ("attention_share", "lift")."""
         records = {record.id: record for record in self.memory.documents()}
-        return [_node(source, records.get(source.doc_id)) for source in sources]
+        return [_node(source, records.get(source.doc_id), ranking) for source in sources]
 
     # -- llama-index objects ----------------------------------------------------------------------
 
@@ -175,7 +177,8 @@ class FoTMemoryIndex:
         return FoTMemoryRetriever(self, similarity_top_k=similarity_top_k, memory_docs=memory_docs, chat=chat, **kwargs)
 
     def as_query_engine(self, **fields: Any) -> FoTMemoryQueryEngine:
-        """A query engine over this index; fields: memory_docs, chat, max_new_tokens, num_sources."""
+        """A query engine over this index; fields: memory_docs, chat, max_new_tokens, num_sources,
+        answer_mode, ranking."""
         return FoTMemoryQueryEngine(index=self, **fields)
 
     def as_llm(self, **options: Any) -> Any:
@@ -196,9 +199,11 @@ class FoTMemoryRetriever(BaseRetriever):
     """The passages that draw the most memory attention while the model reads the query."""
 
     def __init__(self, index: FoTMemoryIndex, *, similarity_top_k: int = 3, memory_docs: Sequence[str] | None = None,
-                 chat: bool = False, callback_manager: CallbackManager | None = None, verbose: bool = False) -> None:
+                 chat: bool = False, ranking: Ranking = DEFAULT_RANKING,
+                 callback_manager: CallbackManager | None = None, verbose: bool = False) -> None:
         self._index = index
         self.similarity_top_k = similarity_top_k
+        self.ranking = ranking
         self.memory_docs = None if memory_docs is None else list(memory_docs)
         self.chat = chat
         super().__init__(callback_manager=callback_manager, verbose=verbose)
@@ -206,9 +211,10 @@ class FoTMemoryRetriever(BaseRetriever):
     def _retrieve(self, query_bundle: QueryBundle) -> List[NodeWithScore]:
         question = self._index.fit_question(query_bundle.query_str, chat=self.chat)
         sources = self._index.memory.find_sources(
-            question, docs=self._index.resolve(self.memory_docs), chat=self.chat, num_sources=self.similarity_top_k
+            question, docs=self._index.resolve(self.memory_docs), chat=self.chat, num_sources=self.similarity_top_k,
+            ranking=self.ranking,
         )
-        return self._index.nodes(sources)
+        return self._index.nodes(sources, self.ranking)
 
 
 class FoTMemoryQueryEngine(CustomQueryEngine):
@@ -223,6 +229,11 @@ class FoTMemoryQueryEngine(CustomQueryEngine):
     )
     max_new_tokens: int = Field(default=32, gt=0, description="The most tokens in an answer.")
     num_sources: int = Field(default=3, ge=0, description="Source nodes per response.")
+    answer_mode: AnswerMode = Field(
+        default=DEFAULT_ANSWER_MODE, description="'memory' (the memory layers attend while answering) or "
+        "'reread' (the passages the question draws attention to are put, as text, before it).",
+    )
+    ranking: Ranking = Field(default=DEFAULT_RANKING, description="Passage ranking: 'lift' or 'attention'.")
     _index: FoTMemoryIndex = PrivateAttr()
 
     def __init__(self, *, index: FoTMemoryIndex, **fields: Any) -> None:
@@ -232,9 +243,10 @@ class FoTMemoryQueryEngine(CustomQueryEngine):
     def custom_query(self, query_str: str) -> Response:
         answer = self._index.memory.ask(
             query_str, docs=self._index.resolve(self.memory_docs), chat=self.chat,
-            max_new_tokens=self.max_new_tokens, num_sources=self.num_sources,
+            max_new_tokens=self.max_new_tokens, num_sources=self.num_sources, answer_mode=self.answer_mode,
+            ranking=self.ranking,
         )
-        nodes = self._index.nodes(answer.sources)
+        nodes = self._index.nodes(answer.sources, self.ranking)
         left_out = [item.to_dict() for item in answer.left_out]  # damaged documents, skipped with a warning
         return Response(response=answer.text, source_nodes=nodes,
                         metadata={"memory_docs": self.memory_docs, "left_out": left_out})
@@ -254,15 +266,16 @@ def _jsonable(metadata: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(metadata, default=str))
 
 
-def _node(source: Source, record: DocumentRecord | None) -> NodeWithScore:
+def _node(source: Source, record: DocumentRecord | None, ranking: Ranking) -> NodeWithScore:
     stored = (record.metadata.get(METADATA_KEY) or {}) if record is not None else {}
     node = TextNode(
         id_=f"{source.doc_id}:{source.start_char}",
         text=source.text,
-        metadata={**stored.get("metadata", {}), "document": source.doc, "doc_id": source.doc_id},
+        metadata={**stored.get("metadata", {}), "document": source.doc, "doc_id": source.doc_id,
+                  "attention_share": source.weight, "lift": source.lift},
         start_char_idx=source.start_char,
         end_char_idx=source.end_char,
     )
     if stored.get("ref_doc_id"):
         node.relationships[NodeRelationship.SOURCE] = RelatedNodeInfo(node_id=stored["ref_doc_id"])
-    return NodeWithScore(node=node, score=source.weight)
+    return NodeWithScore(node=node, score=source.lift if ranking == "lift" else source.weight)

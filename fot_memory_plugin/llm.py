@@ -29,6 +29,7 @@ from llama_index.core.llms.callbacks import llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.types import PydanticProgramMode
 
+from .config import DEFAULT_ANSWER_MODE, DEFAULT_RANKING, AnswerMode, Ranking
 from .documents import Answer, DocumentMemory
 
 __all__ = ["FoTMemoryLLM"]
@@ -36,7 +37,7 @@ __all__ = ["FoTMemoryLLM"]
 logger = logging.getLogger(__name__)
 
 # Keyword arguments of complete()/chat() that are ours; the rest go to model.generate.
-_CALL_OPTIONS = ("memory_docs", "max_new_tokens", "num_sources")
+_CALL_OPTIONS = ("memory_docs", "max_new_tokens", "num_sources", "answer_mode", "ranking")
 
 
 class FoTMemoryLLM(CustomLLM):
@@ -63,6 +64,16 @@ class FoTMemoryLLM(CustomLLM):
     )
     max_new_tokens: int = Field(default=64, gt=0, description="The most tokens generated per call.")
     num_sources: int = Field(default=3, ge=0, description="Source passages reported per answer.")
+    answer_mode: AnswerMode = Field(
+        default=DEFAULT_ANSWER_MODE,
+        description="'memory': the memory layers attend to the documents while answering; 'reread': the "
+        "passages the prompt draws memory attention to are put, as text, before it (see passages.py).",
+    )
+    ranking: Ranking = Field(
+        default=DEFAULT_RANKING,
+        description="How passages are ranked: 'lift' (attention beyond a question-independent probe) or "
+        "'attention' (plain share).",
+    )
     generate_kwargs: Dict[str, Any] = Field(
         default_factory=dict,
         description="Keyword arguments for generation: do_sample, temperature, top_p, min_new_tokens, ...",
@@ -82,6 +93,8 @@ class FoTMemoryLLM(CustomLLM):
         document_memory: DocumentMemory | None = None,
         max_new_tokens: int = 64,
         num_sources: int = 3,
+        answer_mode: AnswerMode = DEFAULT_ANSWER_MODE,
+        ranking: Ranking = DEFAULT_RANKING,
         generate_kwargs: Dict[str, Any] | None = None,
         callback_manager: CallbackManager | None = None,
         system_prompt: str | None = None,
@@ -101,6 +114,8 @@ class FoTMemoryLLM(CustomLLM):
             memory_docs=None if memory_docs is None else list(memory_docs),
             max_new_tokens=max_new_tokens,
             num_sources=num_sources,
+            answer_mode=answer_mode,
+            ranking=ranking,
             generate_kwargs=dict(generate_kwargs or {}),
             callback_manager=callback_manager or CallbackManager([]),
             system_prompt=system_prompt,
@@ -158,7 +173,7 @@ class FoTMemoryLLM(CustomLLM):
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        text, docs, max_new_tokens, num_sources, options = self._prepare(prompt, formatted, kwargs)
+        text, docs, max_new_tokens, memory_options, options = self._prepare(prompt, formatted, kwargs)
         if docs is None:
             new_ids = self._memory.engine.generate(
                 self._memory.engine.encode(text), max_new_tokens=max_new_tokens, plain=True, **options
@@ -166,13 +181,13 @@ class FoTMemoryLLM(CustomLLM):
             answer = Answer(self.tokenizer.decode(new_ids[0], skip_special_tokens=True).strip(), [])
         else:
             answer = self._memory.ask(
-                text, docs=_named(docs), chat=False, max_new_tokens=max_new_tokens, num_sources=num_sources, **options
+                text, docs=_named(docs), chat=False, max_new_tokens=max_new_tokens, **memory_options, **options
             )
         return _response(answer.text, answer)
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        text, docs, max_new_tokens, num_sources, options = self._prepare(prompt, formatted, kwargs)
+        text, docs, max_new_tokens, memory_options, options = self._prepare(prompt, formatted, kwargs)
         engine = self._memory.engine
 
         def plain() -> Iterator[str | Answer]:
@@ -182,7 +197,7 @@ class FoTMemoryLLM(CustomLLM):
             yield from _in_thread(
                 lambda on_text: self._memory.ask(
                     text, docs=_named(docs), chat=False, max_new_tokens=max_new_tokens,
-                    num_sources=num_sources, on_text=on_text, **options,
+                    on_text=on_text, **memory_options, **options,
                 )
             )
 
@@ -211,13 +226,16 @@ class FoTMemoryLLM(CustomLLM):
 
     def _prepare(
         self, prompt: str, formatted: bool, kwargs: dict[str, Any]
-    ) -> tuple[str, list[str] | Literal["all"] | None, int, int, dict[str, Any]]:
+    ) -> tuple[str, list[str] | Literal["all"] | None, int, dict[str, Any], dict[str, Any]]:
         options = {**self.generate_kwargs, **kwargs}
         docs = self._documents(options.pop("memory_docs", self.memory_docs))
         max_new_tokens = int(options.pop("max_new_tokens", self.max_new_tokens))
         num_sources = int(options.pop("num_sources", self.num_sources))
+        # How to answer from memory: options of DocumentMemory.ask, not of generation.
+        memory_options = {"answer_mode": options.pop("answer_mode", self.answer_mode),
+                          "ranking": options.pop("ranking", self.ranking), "num_sources": num_sources}
         text = prompt if formatted else self.completion_to_prompt(prompt)
-        return text, docs, max_new_tokens, num_sources, options
+        return text, docs, max_new_tokens, memory_options, options
 
     def _documents(self, memory_docs: Sequence[str] | None) -> list[str] | Literal["all"] | None:
         """The document ids to attend to, "all" (every stored one; damaged ones are then left out

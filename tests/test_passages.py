@@ -1,0 +1,151 @@
+"""Source ranking (attention share, lift over a question-independent probe) and re-read answering:
+pure functions on hand-made chunks, a tiny random model over real text, and the real smollm2-fot
+finding a planted fact in a held-out novel."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import BOOK, QUESTION
+from fot_memory_plugin import MemoryConfig
+from fot_memory_plugin.cli import main
+from fot_memory_plugin.documents import DocumentMemory
+from fot_memory_plugin.index import FoTMemoryIndex
+from fot_memory_plugin.llm import FoTMemoryLLM
+from fot_memory_plugin.passages import ScoredChunk, choose_passages, chunk_shares, passage_text, rank_chunks
+from fot_memory_plugin.persistence import Chunk
+
+CONFIG = MemoryConfig(local_window=64, top_k=8, mem_dtype="float16", retrieval="exact")
+
+
+def _chunks(doc_id: str, spans: list[tuple[int, int]], text: str) -> list[Chunk]:
+    """Chunks of 10 tokens whose characters are the given spans of `text`."""
+    return [Chunk(doc_id, i, 10 * i, 10 * (i + 1), a, b, text[a:b]) for i, (a, b) in enumerate(spans)]
+
+
+def test_chunk_shares_leave_out_window_starts_and_sum_to_one():
+    chunks = _chunks("d", [(0, 1), (1, 2), (2, 3)], "abc")
+    starts = np.array([0, 10, 20])
+    attention = torch.ones(30, dtype=torch.float64)
+    attention[0] = 1000.0  # a sink at the first token of the first window
+    shares = chunk_shares(attention, ["d"], [0, 30], 16, lambda doc: (chunks, starts))
+    # window starts 0 and 16 are dropped: chunk 0 keeps 9 tokens, chunk 1 keeps 9 (16 dropped), chunk 2 all 10
+    assert np.allclose(shares["d"], np.array([9, 9, 10]) / 28)
+
+
+def test_lift_ranks_what_the_question_adds_over_the_probe():
+    chunks = _chunks("d", [(0, 1), (1, 2), (2, 3)], "abc")
+    of = lambda doc: (chunks, np.array([0, 10, 20]))  # noqa: E731
+    question = {"d": np.array([0.6, 0.3, 0.1])}
+    probe = {"d": np.array([0.7, 0.05, 0.25])}  # chunk 0 draws attention whatever is asked
+    assert [s.chunk.index for s in rank_chunks(question, None, of, "attention")] == [0, 1, 2]
+    ranked = rank_chunks(question, probe, of, "lift")
+    assert [s.chunk.index for s in ranked] == [1, 0, 2]
+    assert ranked[0].share == pytest.approx(0.3) and ranked[0].lift == pytest.approx(0.25)
+
+
+def test_passages_fit_the_budget_best_first_and_are_placed_in_document_order():
+    text = "Alpha one. Beta two. Gamma three. Delta four."
+    chunks = _chunks("d", [(0, 10), (11, 20), (21, 33), (34, 45)], text)
+    ranked = [ScoredChunk("d", chunks[i], share, share) for i, share in ((2, 0.5), (0, 0.3), (3, 0.1), (1, 0.05))]
+    chosen = choose_passages(ranked, budget_tokens=25)  # two 10-token chunks fit
+    assert [item.chunk.index for item in chosen] == [2, 0]
+    assert passage_text(chosen, ["d"]) == "Alpha one.\n\nGamma three."
+    everything = choose_passages(ranked, budget_tokens=40)
+    assert passage_text(everything, ["d"]) == text  # adjacent chunks merge back into the text
+
+
+@pytest.fixture(scope="module")
+def short_store(tmp_path_factory, tiny_model_dir) -> Path:
+    folder = tmp_path_factory.mktemp("passages")
+    (folder / "short.txt").write_text(BOOK.read_text(encoding="utf-8")[:600], encoding="utf-8")
+    with DocumentMemory.open(folder / "store", model=str(tiny_model_dir), config=CONFIG) as memory:
+        memory.read_file(folder / "short.txt")
+    return folder / "store"
+
+
+def test_reread_of_a_document_shorter_than_the_window_asks_with_the_document_in_context(short_store, tiny_model_dir):
+    config = CONFIG.replace(last_context_length=512)  # room for the whole document beside the question
+    with DocumentMemory.open(short_store, model=str(tiny_model_dir), config=config) as memory:
+        records = memory.documents()
+        prompt = memory.engine.encode(QUESTION)
+        chosen, reread = memory._reread_prompt(QUESTION, records, prompt, False, True, "lift", 4)
+        chunks = memory.store.chunks(records[0].id)
+        assert len(chosen) == len(chunks)  # everything fits: every chunk is placed
+        document = BOOK.read_text(encoding="utf-8")[:600]
+        placed = memory.engine.tokenizer.decode(reread[0])
+        assert " ".join(placed.split()) == " ".join(f"{document}\n\n{QUESTION}".split())
+        answer = memory.ask(QUESTION, chat=False, max_new_tokens=4, answer_mode="reread", exact=True)
+        with memory._attending(records, exact=True):
+            direct = memory.engine.generate(memory.engine.encode(f"{passage_text(chosen, [records[0].id])}\n\n{QUESTION}"),
+                                            max_new_tokens=4)
+        assert answer.text == memory.engine.tokenizer.decode(direct[0], skip_special_tokens=True).strip()
+        assert [s.start_char for s in answer.sources] == [item.chunk.start_char for item in chosen[:3]]
+
+
+def test_reread_places_only_what_fits_beside_question_and_answer(short_store, tiny_model_dir):
+    with DocumentMemory.open(short_store, model=str(tiny_model_dir)) as memory:  # local window 64
+        records = memory.documents()
+        prompt = memory.engine.encode(QUESTION)
+        chosen, reread = memory._reread_prompt(QUESTION, records, prompt, False, True, "lift", 8)
+        assert reread.shape[1] + 8 <= memory.engine.config.context_length
+        ranked = memory._passages(records, prompt, False, True, "lift")
+        budget = memory.engine.config.context_length - prompt.shape[1] - 8
+        assert chosen == choose_passages(ranked, budget)[: len(chosen)] and chosen
+        expected = f"{passage_text(chosen, [records[0].id])}\n\n{QUESTION}"
+        assert memory.engine.tokenizer.decode(reread[0]) == memory.engine.tokenizer.decode(
+            memory.engine.encode(expected)[0])
+
+
+def test_every_answer_mode_is_reachable_from_cli_llm_query_engine_and_block(short_store, tmp_path, capsys):
+    store = Path(shutil.copytree(short_store, tmp_path / "store"))
+    for mode in ("memory", "reread"):
+        capsys.readouterr()
+        code = main(["ask", QUESTION, "--store", str(store), "--no-chat", "--max-new-tokens", "2", "--json",
+                     "--answer-mode", mode, "--ranking", "attention"])
+        assert code == 0 and json.loads(capsys.readouterr().out)["sources"]
+    with FoTMemoryIndex.from_persist_dir(store) as index:
+        for mode in ("memory", "reread"):
+            response = index.as_query_engine(answer_mode=mode, max_new_tokens=2).query(QUESTION)
+            assert response.source_nodes
+            llm = FoTMemoryLLM(document_memory=index.memory, answer_mode=mode, max_new_tokens=2)
+            assert llm.complete(QUESTION).additional_kwargs["sources"]
+            assert llm.complete(QUESTION, answer_mode="memory", ranking="attention").additional_kwargs["sources"]
+        from fot_memory_plugin.agent_memory import FoTDocumentMemoryBlock
+
+        block = FoTDocumentMemoryBlock(index=index, ranking="attention")
+        assert block._passages(QUESTION)
+        with pytest.raises(ValueError, match="answer_mode must be one of"):
+            index.memory.ask(QUESTION, answer_mode="guess")
+
+
+@pytest.mark.slow
+def test_a_planted_fact_outranks_the_opening_and_every_window_start(smollm2_fot, tmp_path):
+    """smollm2-fot, ~2k tokens of held-out Persuasion with one invented fact in the middle."""
+    book = (Path(__file__).resolve().parents[2] / "shared" / "data" / "books" / "persuasion.txt")
+    if not book.exists():
+        pytest.skip("needs ../shared/data/books")
+    paragraphs = [p for p in book.read_text(encoding="utf-8").split("\n\n") if p.strip()][40:70]
+    fact = "The lighthouse keeper's parrot was called Captain Biscuit."
+    text = "\n\n".join(paragraphs[:15] + [fact] + paragraphs[15:])
+    fact_at = text.index(fact)
+    with DocumentMemory.open(tmp_path / "store", model="smollm2-fot") as memory:
+        memory.read_text(text, name="persuasion-part", retrieve=False)
+        sources = memory.find_sources("The lighthouse keeper's parrot was called Captain", chat=False,
+                                      num_sources=40, exact=True)
+        first = sources[0]
+        assert first.start_char <= fact_at + len(fact) and first.end_char > fact_at, sources[:3]
+        window = memory.engine.config.local_window
+        chunks = memory.store.chunks("persuasion-part")
+        window_starts = {c.start_char for c in chunks if c.start_token % window == 0}
+        ranks = {source.start_char: rank for rank, source in enumerate(sources)}
+        assert all(ranks.get(start, len(sources)) > 0 for start in window_starts | {0})
+        answer = memory.ask("The lighthouse keeper's parrot was called Captain", chat=False, max_new_tokens=3,
+                            answer_mode="reread", exact=True)
+        assert "Biscuit" in answer.text
