@@ -64,10 +64,10 @@ def normalise(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
 
 
-def haystack(book: str, tokens: int, fact: str, rng: random.Random, tokenizer) -> tuple[str, int]:
+def haystack(book: Path, tokens: int, fact: str, rng: random.Random, tokenizer) -> tuple[str, int]:
     """About `tokens` tokens of the book from a random paragraph, the fact planted at a random
     paragraph boundary inside; returns (text, character offset of the fact)."""
-    text = (BOOKS / book).read_text(encoding="utf-8")
+    text = book.read_text(encoding="utf-8")
     paragraphs = [p for p in text.split("\n\n") if p.strip()]
     start = rng.randrange(len(paragraphs) // 2)
     chosen, count = [], 0
@@ -88,7 +88,7 @@ def run_model(model: str, args: argparse.Namespace) -> dict:
         for trial in range(args.trials):
             fact, verbatim, paraphrase, gold = FACTS[trial % len(FACTS)]
             with DocumentMemory.open(Path(scratch) / f"store{trial}", model=model, device=args.device) as memory:
-                text, fact_at = haystack(args.book, args.tokens, fact, rng, memory.engine.tokenizer)
+                text, fact_at = haystack(args.books_dir / args.book, args.tokens, fact, rng, memory.engine.tokenizer)
                 started = time.perf_counter()
                 memory.read_text(text, name=f"haystack{trial}", retrieve=not args.no_retrieval)
                 read_s = time.perf_counter() - started
@@ -138,6 +138,7 @@ def summary(runs: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--book", default="persuasion.txt")
+    parser.add_argument("--books-dir", type=Path, default=BOOKS)
     parser.add_argument("--tokens", type=int, default=4000)
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--models", nargs="+", default=["smollm2", "smollm2-fot"])
