@@ -26,6 +26,8 @@ from .engine import MemoryEngine
 from .errors import DocumentInputError, NoDocumentsError, QuestionTooLongError
 from .models import load_model, model_fingerprint
 from .persistence import Chunk, DocumentRecord, MemoryStore, StoreNotFoundError, num_threads
+from .persistence.errors import IncompatibleStoreError
+from .persistence.metadata import fingerprint_differences, normalise_fingerprint
 
 __all__ = ["DocumentMemory", "Answer", "Source", "default_store_dir", "load_text", "STORE_ENV"]
 
@@ -106,11 +108,16 @@ class DocumentMemory:
         config: MemoryConfig | None = None,
         device: str | None = None,
         readonly: bool = False,
+        store: Any = None,
     ) -> DocumentMemory:
         """Open (or create) a store. An existing store remembers its model and memory config, so
-        neither is needed; given ones that differ from what it recorded are refused."""
+        neither is needed; given ones that differ from what it recorded are refused.
+
+        store: an already-open store to answer from instead of opening `path` (for example a
+        `fot_memory_plugin.distributed.ShardedStore`); it must record a fingerprint.
+        """
         path = Path(path) if path is not None else default_store_dir()
-        recorded = _recorded_fingerprint(path)
+        recorded = _recorded_fingerprint(path) if store is None else store.fingerprint
         load_as = model or (recorded or {}).get("load_as", "smollm2")
         loaded = load_model(load_as, device=device)
         if config is None and recorded:
@@ -125,7 +132,11 @@ class DocumentMemory:
             | {"mem_layers": list(engine.layers)},
         }
         try:
-            store = MemoryStore.open(path, fingerprint=fingerprint, readonly=readonly)
+            if store is None:
+                store = MemoryStore.open(path, fingerprint=fingerprint, readonly=readonly)
+            elif fingerprint_differences(normalise_fingerprint(fingerprint), store.fingerprint):
+                raise IncompatibleStoreError(str(store.path), fingerprint_differences(
+                    store.fingerprint, normalise_fingerprint(fingerprint)))
         except BaseException:
             engine.close()
             raise
@@ -158,6 +169,7 @@ class DocumentMemory:
         progress: bool = False,
         metadata: dict[str, Any] | None = None,
         retrieve: bool = True,
+        on_window: Callable[[int, int], None] | None = None,
     ) -> tuple[DocumentRecord, bool]:
         """Read text into the store; returns (record, whether it was read now).
 
@@ -165,7 +177,7 @@ class DocumentMemory:
         again unless force=True, which also replaces a document of the same name atomically.
         retrieve=False reads each window without retrieval (MemoryEngine.read): as fast as the
         plain model, and how FoT training computes memory keys; a zero-shot model loses the
-        passkey that way.
+        passkey that way. on_window(end_token, num_tokens) is called after each window is stored.
         """
         if not text.strip():
             raise DocumentInputError(f"Document {name!r} is empty: there is nothing to read.")
@@ -186,6 +198,8 @@ class DocumentMemory:
             def to_store(start: int, end: int, captured: dict) -> None:
                 for layer, (keys, values) in captured.items():
                     writer.append(layer, keys[0], values[0])  # (Hkv, T, D)
+                if on_window is not None:
+                    on_window(end, ids.shape[1])
 
             self.engine.reset()
             try:

@@ -7,6 +7,7 @@ Import it as `fot_memory_plugin.persistence`.
 
 from .errors import (
     CorruptDocumentError,
+    DocumentImportError,
     DocumentNotFoundError,
     DuplicateDocumentError,
     FingerprintRequiredError,
@@ -47,4 +48,5 @@ __all__ = [
     "DocumentNotFoundError",
     "InvalidDocumentNameError",
     "DuplicateDocumentError",
+    "DocumentImportError",
 ]

@@ -21,6 +21,7 @@ __all__ = [
     "DocumentNotFoundError",
     "InvalidDocumentNameError",
     "DuplicateDocumentError",
+    "DocumentImportError",
 ]
 
 
@@ -139,3 +140,7 @@ class DuplicateDocumentError(StoreError):
             f"A document named {name!r} is already in the memory store (id {doc_id}). Pass force=True to "
             "replace it, or choose another name."
         )
+
+
+class DocumentImportError(StoreError, ValueError):
+    """A document cannot be imported from another store (another fingerprint, or a damaged copy)."""
