@@ -9,6 +9,7 @@ import sys
 from typing import Sequence
 
 from .config import MemoryConfig
+from .distributed.commands import add_ray_option, add_shard_command, ask_on_ray, read_on_ray  # no Ray import
 
 __all__ = ["main", "build_parser", "parse_layers"]
 
@@ -172,6 +173,7 @@ def _add_store_commands(commands: argparse._SubParsersAction) -> None:
                       help="read each window without retrieval: the plain model's speed; fine for a FoT-tuned "
                            "model (its training computes memory keys so), not for a zero-shot one")
     _device_option(read)
+    add_ray_option(read, "one task per document, imported into the store as each finishes")
     read.set_defaults(handler=_read)
 
     ask = commands.add_parser("ask", help="answer a question from stored documents, with sources")
@@ -186,6 +188,7 @@ def _add_store_commands(commands: argparse._SubParsersAction) -> None:
     ask.add_argument("--exact", action="store_true",
                      help="scan every stored key instead of the hnswlib indexes (the reference; slower)")
     _device_option(ask)
+    add_ray_option(ask, "serve the store, or the shards of a catalog (--store OUT of `fot-memory shard`), from Ray actors")
     ask.set_defaults(handler=_ask)
 
     docs = commands.add_parser("docs", help="list stored documents")
@@ -209,6 +212,8 @@ def _add_store_commands(commands: argparse._SubParsersAction) -> None:
     _store_option(info)
     info.add_argument("--json", action="store_true")
     info.set_defaults(handler=_info)
+
+    add_shard_command(commands)
 
 
 def _open_documents(args: argparse.Namespace, readonly: bool = False, with_model: bool = True):
@@ -235,6 +240,8 @@ def _record_dict(record) -> dict:
 
 
 def _read(args: argparse.Namespace) -> int:
+    if getattr(args, "ray", None) is not None:
+        return read_on_ray(args)
     if args.name and len(args.paths) > 1:
         raise ValueError("--name names one document: give one PATH with it, or leave --name out.")
     stored = []
@@ -252,6 +259,8 @@ def _read(args: argparse.Namespace) -> int:
 
 
 def _ask(args: argparse.Namespace) -> int:
+    if getattr(args, "ray", None) is not None:
+        return ask_on_ray(args)
     with _open_documents(args, readonly=True) as memory:
         on_text = (lambda piece: print(piece, end="", flush=True)) if args.stream and not args.json else None
         answer = memory.ask(
