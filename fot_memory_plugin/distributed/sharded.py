@@ -59,9 +59,12 @@ class ShardActor:
         return self._store.chunks(doc_id, token_indices)
 
     def search(self, layer: int, doc_ids: tuple[str, ...], grouped: np.ndarray, k: int, exact: bool,
-               ef: int | None, exact_below: int) -> list[list[Candidates]]:
+               ef: int | None, exact_below: int, merge: bool = False) -> list[list[Candidates]]:
         """Per KV head, per document of doc_ids (in that order): its candidates for queries
-        grouped (Hkv, R, D) float32 and k (already clamped to the memory's size)."""
+        grouped (Hkv, R, D) float32 and k (already clamped to the memory's size).
+
+        merge=True: per KV head ONE list entry, this shard's own top-k over its documents, with
+        ids offset by the document's start in doc_ids order and rows as float32."""
         key = (layer, doc_ids, exact, ef, exact_below)
         memory = self._memories.get(key)
         if memory is None:
@@ -72,14 +75,31 @@ class ShardActor:
         for head in range(queries.shape[0]):
             found = memory.document_candidates(queries[head].contiguous(), head, k)
             assert [position for position, *_ in found] == list(range(len(doc_ids)))
-            replies.append([(scores.numpy(), local.numpy(), rows) for _, scores, local, rows in found])
+            if merge:
+                replies.append([_merge_here(found, memory.offsets, [r.dtype for r in self._records(memory)], k)])
+            else:
+                replies.append([(scores.numpy(), local.numpy(), rows) for _, scores, local, rows in found])
         return replies
+
+    def _records(self, memory: PersistentMemory) -> list[DocumentRecord]:
+        return [self._store.document(doc_id) for doc_id in memory.doc_ids]
 
     def stats(self) -> dict[str, Any]:
         """Documents, tokens and this process's resident memory (bytes; Linux)."""
         records = self._store.documents()
         return {"path": str(self._store.path), "documents": len(records),
                 "tokens": sum(r.num_tokens for r in records), "rss_bytes": _rss_bytes(), "pid": os.getpid()}
+
+
+def _merge_here(found: list, offsets: np.ndarray, dtypes: list[str], k: int) -> Candidates:
+    """One shard's top-k over its documents' candidates: (scores, ids in the shard's doc_ids
+    order (offsets), rows float32), as PersistentMemory._top_ids merges documents."""
+    scores = torch.cat([scores for _, scores, _, _ in found], dim=1)
+    ids = torch.cat([local + int(offsets[position]) for position, _, local, _ in found], dim=1)
+    rows = torch.cat([rows_float32(rows, dtypes[position]) for position, _, _, rows in found], dim=1)
+    best = scores.topk(min(k, scores.shape[1]), dim=1).indices
+    picked = rows.gather(1, best[:, :, None, None].expand(-1, -1, *rows.shape[2:]))
+    return scores.gather(1, best).numpy(), ids.gather(1, best).numpy(), picked.numpy()
 
 
 def _rss_bytes() -> int | None:
@@ -99,6 +119,7 @@ class ShardedStore:
     """
 
     readonly = True
+    merge_in_shards = False
 
     def __init__(self, path: Path, ray: Any, actors: list[Any], described: list[dict[str, Any]]) -> None:
         self.path, self._ray, self._actors = path, ray, actors
@@ -121,10 +142,11 @@ class ShardedStore:
 
     @classmethod
     def open(cls, catalog: str | os.PathLike[str], *, ray_address: str | None = None,
-             threads_per_shard: int | None = None) -> ShardedStore:
+             threads_per_shard: int | None = None, merge_in_shards: bool = False) -> ShardedStore:
         """One actor per shard of `catalog` (a catalog.json, a directory holding one, or one store).
 
         threads_per_shard: torch threads of each actor's exact scans (default: this process's).
+        merge_in_shards: the default of `memory(..., merge_in_shards=...)`.
         """
         path, shards = shard_paths(catalog)
         ray = connect(ray_address, "A sharded memory")
@@ -133,7 +155,9 @@ class ShardedStore:
         actors = [actor_class.remote(str(shard), threads) for shard in shards]
         try:
             described = ray.get([actor.describe.remote() for actor in actors])
-            return cls(path, ray, actors, described)
+            store = cls(path, ray, actors, described)
+            store.merge_in_shards = merge_in_shards
+            return store
         except BaseException:
             for actor in actors:
                 ray.kill(actor)
@@ -201,8 +225,15 @@ class ShardedStore:
         raise StoreReadOnlyError(str(self.path), "forget a document of a sharded store")
 
     def memory(self, layer: int, doc_ids: Sequence[str] | None = None, *, ef: int | None = None,
-               exact: bool = False, exact_below: int = DEFAULT_EXACT_BELOW) -> ShardedMemory:
-        """As MemoryStore.memory: one layer over some documents (ids or names; None = all)."""
+               exact: bool = False, exact_below: int = DEFAULT_EXACT_BELOW,
+               merge_in_shards: bool | None = None) -> ShardedMemory:
+        """As MemoryStore.memory: one layer over some documents (ids or names; None = all).
+
+        merge_in_shards: each shard sends back only its own top-k (k rows per shard instead of
+        k per document: far less traffic with many documents per shard); the top-k scores are
+        the single store's, but among keys of EQUAL score another token may be chosen. None:
+        the store's default (`ShardedStore.open(..., merge_in_shards=...)`, False).
+        """
         if isinstance(doc_ids, str):
             raise TypeError(f"doc_ids must be a list of ids or names, got the string {doc_ids!r}; use [{doc_ids!r}].")
         records = self.documents() if doc_ids is None else [self.document(key) for key in doc_ids]
@@ -217,8 +248,9 @@ class ShardedStore:
         if len(shapes) > 1:
             raise ShardCatalogError(f"The documents have different (kv_heads, head_dim) {sorted(shapes)}.")
         owners = [self._owner[record.id] for record in records]
+        merge = self.merge_in_shards if merge_in_shards is None else merge_in_shards
         return ShardedMemory(self._ray, layer, records, owners, self._actors, kv_heads=kv_heads, head_dim=head_dim,
-                             ef=ef, exact=exact, exact_below=exact_below)
+                             ef=ef, exact=exact, exact_below=exact_below, merge_in_shards=merge)
 
 
 class ShardedMemory:
@@ -226,8 +258,8 @@ class ShardedMemory:
 
     def __init__(self, ray: Any, layer: int, records: Sequence[DocumentRecord], owners: Sequence[int],
                  actors: Sequence[Any], *, kv_heads: int | None, head_dim: int | None, ef: int | None,
-                 exact: bool, exact_below: int) -> None:
-        self._ray, self.layer = ray, layer
+                 exact: bool, exact_below: int, merge_in_shards: bool = False) -> None:
+        self._ray, self.layer, self.merge_in_shards = ray, layer, merge_in_shards
         self.kv_heads, self.head_dim, self.ef, self.exact, self.exact_below = kv_heads, head_dim, ef, exact, exact_below
         self._records = list(records)
         self._dtypes = [record.dtype for record in self._records]
@@ -268,9 +300,11 @@ class ShardedMemory:
         doc_ids = self.doc_ids
         replies = self._ray.get([
             actor.search.remote(self.layer, tuple(doc_ids[p] for p in positions), grouped.numpy(), found,
-                                self.exact, self.ef, self.exact_below)
+                                self.exact, self.ef, self.exact_below, self.merge_in_shards)
             for actor, positions in self._asked
         ])
+        if self.merge_in_shards:
+            return self._from_shard_tops(replies, queries, k, found)
         by_position: dict[int, tuple[int, int]] = {}  # document position -> (asked shard, index in its reply)
         for shard, (_, positions) in enumerate(self._asked):
             by_position.update({p: (shard, i) for i, p in enumerate(positions)})
@@ -301,3 +335,33 @@ class ShardedMemory:
         best = scores.topk(k, dim=1).indices  # (R, k)
         rows = all_rows.gather(1, best[:, :, None, None].expand(-1, -1, *all_rows.shape[2:]))
         return all_ids.gather(1, best), rows
+
+    def _from_shard_tops(self, replies: list, queries: torch.Tensor, k: int, found: int) -> PersistentHits:
+        """The global top-k over each shard's own top-k (merge_in_shards)."""
+        _, q_heads, length, dim = queries.shape
+        heads = []
+        for head in range(self.kv_heads):
+            scores, ids, rows = [], [], []
+            for (_, positions), reply in zip(self._asked, replies):
+                shard_scores, shard_ids, shard_rows = reply[head][0]
+                # Shard ids count from its first asked document: map them to this memory's ids.
+                starts = np.concatenate([[0], np.cumsum([self._records[p].num_tokens for p in positions])])
+                owner = np.searchsorted(starts, shard_ids, side="right") - 1
+                global_ids = self.offsets[np.asarray(positions)[owner]] + (shard_ids - starts[owner])
+                scores.append(torch.tensor(shard_scores))
+                ids.append(torch.from_numpy(global_ids))
+                rows.append(torch.tensor(shard_rows))
+            all_scores, all_ids, all_rows = torch.cat(scores, 1), torch.cat(ids, 1), torch.cat(rows, 1)
+            best = all_scores.topk(found, dim=1).indices
+            heads.append((all_ids.gather(1, best),
+                          all_rows.gather(1, best[:, :, None, None].expand(-1, -1, *all_rows.shape[2:]))))
+        ids = torch.stack([h[0] for h in heads])  # (Hkv, R, found)
+        rows = torch.stack([h[1] for h in heads])  # (Hkv, R, found, 2, D)
+        shape = (1, q_heads, length, found)
+        hits = PersistentHits(
+            rows[..., 0, :].reshape(*shape, dim).to(device=queries.device, dtype=queries.dtype),
+            rows[..., 1, :].reshape(*shape, dim).to(device=queries.device, dtype=queries.dtype),
+            torch.ones(shape, dtype=torch.bool, device=queries.device),
+            ids.reshape(shape).to(queries.device),
+        )
+        return _pad(hits, k)
