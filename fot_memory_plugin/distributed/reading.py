@@ -114,7 +114,8 @@ def read_corpus(
             gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         task = ray.remote(_read_task).options(num_cpus=num_cpus_per_task, num_gpus=gpus, max_retries=max_retries)
         tracker = ray.remote(_Progress).options(num_cpus=0).remote()
-        pending = {task.remote(job.text, job.name, job.source_path, job.staging, model, config.to_dict(),
+        pending = {task.remote(job.text, job.name, job.source_path, job.staging, model,
+                               None if config is None else config.to_dict(),
                                "cuda" if gpus else "cpu", retrieve, int(max(1, num_cpus_per_task)), tracker,
                                after_window): job for job in jobs}
         _collect(ray, pending, store, tracker, sum(len(job.text) for job in jobs), progress, report)
@@ -123,13 +124,15 @@ def read_corpus(
     return report
 
 
-def _model_and_config(store: Path, model: str | None, config: MemoryConfig | None) -> tuple[str, MemoryConfig]:
-    """As DocumentMemory.open: an existing store's recorded model and config, else the given ones."""
+def _model_and_config(store: Path, model: str | None,
+                      config: MemoryConfig | None) -> tuple[str, MemoryConfig | None]:
+    """As DocumentMemory.open: an existing store's recorded model and config, else the given ones
+    (None: the task's DocumentMemory.open chooses, e.g. a FoT-tuned model's own memory layers)."""
     recorded = _recorded_fingerprint(store)
     if recorded:
         model = model or recorded.get("load_as", "smollm2")
         config = config or STORE_DEFAULTS.replace(**_as_config_fields(recorded["memory_config"]))
-    return model or "smollm2", config or STORE_DEFAULTS
+    return model or "smollm2", config
 
 
 def _jobs(paths: Sequence[str | os.PathLike[str]], store: Path, staging_root: Path, force: bool,
@@ -230,7 +233,7 @@ class _Progress:
         return sum(self._done.values())
 
 
-def _read_task(text: str, name: str, source_path: str, staging: str, model: str, config: dict[str, Any],
+def _read_task(text: str, name: str, source_path: str, staging: str, model: str, config: dict[str, Any] | None,
                device: str, retrieve: bool, threads: int, tracker: Any,
                after_window: WindowHook | None) -> dict[str, Any]:
     """In a Ray worker: read one document into a new staging store; returns where and what it stored."""
@@ -239,7 +242,7 @@ def _read_task(text: str, name: str, source_path: str, staging: str, model: str,
     from ..documents import DocumentMemory
 
     torch.set_num_threads(threads)
-    memory_config = MemoryConfig.from_dict(config)
+    memory_config = None if config is None else MemoryConfig.from_dict(config)
     with DocumentMemory.open(staging, model=model, config=memory_config, device=device) as memory:
         started = time.perf_counter()
 
