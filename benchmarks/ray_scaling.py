@@ -6,9 +6,10 @@ local store, measured side by side in one run.
     #   --prompt-tokens 128 --new-tokens 16 --repeats 3 --threads 1
 
 1. Reading: the openings (first `opening-chars` characters) of the six Austen novels in
-   ../shared/data/books, read into a new store (a) serially in this process, (b) by read_corpus
-   with ONE Ray worker at a time (num_cpus_per_task=2: one task holds both cores, 2 torch
-   threads), (c) with TWO workers (num_cpus_per_task=1: two tasks at once, 1 torch thread each).
+   ../shared/data/books, read into a new store (a) serially in this process (2 torch threads),
+   (b) by read_corpus with ONE Ray worker at a time (num_cpus_per_task=2: one task holds both
+   cores) with 2 torch threads, (c) the same with 1 torch thread, (d) with TWO workers
+   (num_cpus_per_task=1: two tasks at once, 1 torch thread each).
    Wall time includes Ray's worker start-up and each task's model load; the driver's import cost
    per document is the copy + checksum + fsync + rename + SQLite row of `import_document`.
 2. Searching: a store of `memory-tokens` tokens in two documents (the model's memory layers;
@@ -92,16 +93,16 @@ def read_serially(paths: list[Path], model: str) -> dict[str, Any]:
     return {"variant": "serial, this process (2 threads)", "wall_s": time.perf_counter() - started, "tokens": tokens}
 
 
-def read_on_ray(paths: list[Path], model: str, cpus_per_task: int) -> dict[str, Any]:
+def read_on_ray(paths: list[Path], model: str, cpus_per_task: int, threads: int) -> dict[str, Any]:
     from fot_memory_plugin.distributed import read_corpus
 
-    store = fresh(OUT / f"read-ray-{cpus_per_task}cpu")
-    report = read_corpus(paths, store, model=model, num_cpus_per_task=cpus_per_task)
+    store = fresh(OUT / f"read-ray-{cpus_per_task}cpu-{threads}threads")
+    report = read_corpus(paths, store, model=model, num_cpus_per_task=cpus_per_task, threads_per_task=threads)
     report.raise_for_failures()
     workers = 2 // cpus_per_task
     with MemoryStore.open(store, readonly=True) as opened:
         sizes = [sum(f["size"] for f in record.files.values()) for record in opened.documents()]
-    return {"variant": f"Ray, {workers} worker{'s' if workers > 1 else ''} ({cpus_per_task} thread{'s' if cpus_per_task > 1 else ''} each)",
+    return {"variant": f"Ray, {workers} worker{'s' if workers > 1 else ''} ({threads} thread{'s' if threads > 1 else ''} each)",
             "wall_s": report.wall_s, "tokens": sum(t.tokens for t in report.timings),
             "read_s": sum(t.read_s for t in report.timings),
             "import_ms": statistics.mean(1000 * t.import_s for t in report.timings),
@@ -110,7 +111,8 @@ def read_on_ray(paths: list[Path], model: str, cpus_per_task: int) -> dict[str, 
 
 def reading(args: argparse.Namespace) -> None:
     paths = openings(args.opening_chars)
-    rows = [read_serially(paths, args.model), read_on_ray(paths, args.model, 2), read_on_ray(paths, args.model, 1)]
+    rows = [read_serially(paths, args.model), read_on_ray(paths, args.model, 2, 2),
+            read_on_ray(paths, args.model, 2, 1), read_on_ray(paths, args.model, 1, 1)]
     base = rows[0]["wall_s"]
     print(f"\n## Reading the openings ({args.opening_chars} chars) of {len(paths)} books, {args.model}, CPU\n")
     table = []
@@ -120,7 +122,9 @@ def reading(args: argparse.Namespace) -> None:
                       f"{row['import_ms']:.0f} ({row['doc_mb']:.0f} MB)" if "import_ms" in row else "-"])
     print(rk.markdown_table(["variant", "tokens", "wall s", "tokens/s", "x serial", "sum of task read s",
                              "driver import ms / doc (doc size)"], table))
-    print(f"\n2 workers vs 1 worker: {rows[1]['wall_s'] / rows[2]['wall_s']:.2f}x faster wall time")
+    print(f"\n2 workers vs 1 worker: {rows[1]['wall_s'] / rows[3]['wall_s']:.2f}x faster wall time (2 threads in the "
+          f"one worker), {rows[2]['wall_s'] / rows[3]['wall_s']:.2f}x (1 thread in every worker); "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
 # ---- 2. searching ----------------------------------------------------------------------------

@@ -85,6 +85,7 @@ def read_corpus(
     config: MemoryConfig | None = None,
     num_gpus_per_task: float | None = None,
     num_cpus_per_task: float = 1,
+    threads_per_task: int | None = None,
     staging_dir: str | os.PathLike[str] | None = None,
     force: bool = False,
     retrieve: bool = True,
@@ -96,6 +97,7 @@ def read_corpus(
 
     model, config: for a new store (an existing one uses what it recorded, as `fot-memory read`).
     num_gpus_per_task: None gives each task one GPU when the cluster has GPUs, else none.
+    threads_per_task: torch threads of each task (default: its CPUs, at least 1).
     staging_dir: where tasks write their staging stores (default: `.<store name>.staging`
     beside the store). max_retries: Ray's automatic retries of a task whose worker died (0: the
     document is reported failed and the next run reads it). Failures do not raise: check
@@ -116,7 +118,8 @@ def read_corpus(
         tracker = ray.remote(_Progress).options(num_cpus=0).remote()
         pending = {task.remote(job.text, job.name, job.source_path, job.staging, model,
                                None if config is None else config.to_dict(),
-                               "cuda" if gpus else "cpu", retrieve, int(max(1, num_cpus_per_task)), tracker,
+                               "cuda" if gpus else "cpu", retrieve, threads_per_task or int(max(1, num_cpus_per_task)),
+                               tracker,
                                after_window): job for job in jobs}
         _collect(ray, pending, store, tracker, sum(len(job.text) for job in jobs), progress, report)
     _remove_if_empty(staging_root)
