@@ -183,7 +183,8 @@ def _collect(ray: Any, pending: dict, store: Path, tracker: Any, total_chars: in
         bar.close()
         if target is not None:
             target.close()
-        for job in pending.values():  # only after an interrupt: the tasks' results are lost
+        for ref, job in pending.items():  # only after an interrupt: stop the tasks, drop their staging
+            ray.cancel(ref, force=True)
             remove_tree(Path(job.staging))
 
 

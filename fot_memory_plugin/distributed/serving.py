@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from ..documents import DocumentMemory
+from .errors import ShardCatalogError
 from .sharded import ShardedStore
 
 __all__ = ["open_sharded"]
@@ -19,6 +20,9 @@ def open_sharded(catalog: str | os.PathLike[str], *, ray_address: str | None = N
     """
     store = ShardedStore.open(catalog, ray_address=ray_address, threads_per_shard=threads_per_shard)
     try:
+        if store.fingerprint is None:
+            raise ShardCatalogError(f"The shards of {store.path} hold no documents and record no model: read "
+                                    "documents into a store first, then shard it.")
         return DocumentMemory.open(store.path, device=device, readonly=True, store=store)
     except BaseException:
         store.close()
