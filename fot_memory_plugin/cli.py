@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import ANSWER_MODES, DEFAULT_ANSWER_MODE, DEFAULT_RANKING, RANKINGS, MemoryConfig
+from .distributed.commands import add_ray_option, add_shard_command, ask_on_ray, read_on_ray  # no Ray import
 
 __all__ = ["main", "build_parser", "parse_layers"]
 
@@ -175,6 +176,7 @@ def _add_store_commands(commands: argparse._SubParsersAction) -> None:
     read.add_argument("--shared", action="store_true",
                       help="a NEW store's files get your umask's permissions instead of owner-only (0600/0700)")
     _device_option(read)
+    add_ray_option(read, "one task per document, imported into the store as each finishes")
     read.set_defaults(handler=_read)
 
     ask = commands.add_parser("ask", help="answer a question from stored documents, with sources")
@@ -195,6 +197,7 @@ def _add_store_commands(commands: argparse._SubParsersAction) -> None:
                      help="source ranking: lift (attention beyond a question-independent probe) or attention "
                           "(default: %(default)s)")
     _device_option(ask)
+    add_ray_option(ask, "serve the store, or the shards of a catalog (--store OUT of `fot-memory shard`), from Ray actors")
     ask.set_defaults(handler=_ask)
 
     docs = commands.add_parser("docs", help="list stored documents")
@@ -230,6 +233,7 @@ def _add_store_commands(commands: argparse._SubParsersAction) -> None:
     _store_option(repair)
     repair.add_argument("--json", action="store_true")
     repair.set_defaults(handler=_repair)
+    add_shard_command(commands)
 
 
 def _open_documents(args: argparse.Namespace, readonly: bool = False, with_model: bool = True):
@@ -257,6 +261,8 @@ def _record_dict(record) -> dict:
 
 
 def _read(args: argparse.Namespace) -> int:
+    if getattr(args, "ray", None) is not None:
+        return read_on_ray(args)
     from .documents import load_text
     from .persistence.files import validate_name
 
@@ -280,6 +286,8 @@ def _read(args: argparse.Namespace) -> int:
 
 
 def _ask(args: argparse.Namespace) -> int:
+    if getattr(args, "ray", None) is not None:
+        return ask_on_ray(args)
     with _open_documents(args, readonly=True) as memory:
         on_text = (lambda piece: print(piece, end="", flush=True)) if args.stream and not args.json else None
         answer = memory.ask(

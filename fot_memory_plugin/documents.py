@@ -37,6 +37,8 @@ from .passages import (
     rank_chunks,
 )
 from .persistence import Chunk, DocumentRecord, MemoryStore, num_threads
+from .persistence.errors import IncompatibleStoreError
+from .persistence.metadata import fingerprint_differences, normalise_fingerprint
 from .persistence.files import validate_name
 from .persistence.writer import estimate_document_bytes
 
@@ -139,25 +141,31 @@ class DocumentMemory:
         create: bool = True,
         hold_lock: bool = False,
         shared: bool = False,
+        store: Any = None,
     ) -> DocumentMemory:
         """Open (or, with create, make) a store. An existing store remembers its model and memory
         config, so neither is needed; given ones that differ from what it recorded are refused.
 
         The store is opened BEFORE the model loads, so a missing, locked or damaged store fails
         at once. hold_lock: keep the writer lock until close (see MemoryStore.open); shared: a new
-        store's files get the umask instead of owner-only permissions.
+        store's files get the umask instead of owner-only permissions. store: an already-open
+        store to answer from instead of opening `path` (for example a
+        `fot_memory_plugin.distributed.ShardedStore`); it must record a fingerprint.
         """
-        path = Path(path) if path is not None else default_store_dir()
-        store = MemoryStore.open(path, readonly=readonly, create=create, hold_lock=hold_lock, shared=shared)
+        owns_store = store is None
+        if store is None:
+            path = Path(path) if path is not None else default_store_dir()
+            store = MemoryStore.open(path, readonly=readonly, create=create, hold_lock=hold_lock, shared=shared)
         try:
             engine = cls._engine_for(store, model, config, device)
         except BaseException:
-            store.close()
+            if owns_store:
+                store.close()
             raise
         return cls(store, engine)
 
     @staticmethod
-    def _engine_for(store: MemoryStore, model: str | None, config: MemoryConfig | None,
+    def _engine_for(store: Any, model: str | None, config: MemoryConfig | None,
                     device: str | None) -> MemoryEngine:
         """Load the store's model (or the given one) and bind the store to its fingerprint."""
         recorded = store.fingerprint
@@ -175,7 +183,12 @@ class DocumentMemory:
             | {"mem_layers": list(engine.layers)},
         }
         try:
-            store.bind_fingerprint(fingerprint)
+            if isinstance(store, MemoryStore):
+                store.bind_fingerprint(fingerprint)
+            else:  # a store of another kind (sharded): its fingerprint must be this model's
+                differences = fingerprint_differences(store.fingerprint, normalise_fingerprint(fingerprint))
+                if differences:
+                    raise IncompatibleStoreError(str(store.path), differences)
         except BaseException:
             engine.close()
             raise
@@ -217,6 +230,7 @@ class DocumentMemory:
         progress: bool = False,
         metadata: dict[str, Any] | None = None,
         retrieve: bool = True,
+        on_window: Callable[[int, int], None] | None = None,
     ) -> tuple[DocumentRecord, bool]:
         """Read text into the store; returns (record, whether it was read now).
 
@@ -224,7 +238,7 @@ class DocumentMemory:
         again unless force=True, which also replaces a document of the same name atomically.
         retrieve=False reads each window without retrieval (MemoryEngine.read): as fast as the
         plain model, and how FoT training computes memory keys; a zero-shot model loses the
-        passkey that way.
+        passkey that way. on_window(end_token, num_tokens) is called after each window is stored.
         """
         name = validate_name(name)
         if not text.strip():
@@ -250,6 +264,8 @@ class DocumentMemory:
             def to_store(start: int, end: int, captured: dict) -> None:
                 for layer, (keys, values) in captured.items():
                     writer.append(layer, keys[0], values[0])  # (Hkv, T, D)
+                if on_window is not None:
+                    on_window(end, ids.shape[1])
 
             self.engine.reset()
             try:

@@ -7,6 +7,7 @@ Import it as `fot_memory_plugin.persistence`.
 
 from .errors import (
     CorruptDocumentError,
+    DocumentImportError,
     DocumentNotFoundError,
     DuplicateDocumentError,
     FingerprintRequiredError,
@@ -60,4 +61,5 @@ __all__ = [
     "StoreDiskFullError",
     "StorePathError",
     "StorePermissionError",
+    "DocumentImportError",
 ]

@@ -26,6 +26,7 @@ __all__ = [
     "StoreDiskFullError",
     "StorePathError",
     "StorePermissionError",
+    "DocumentImportError",
 ]
 
 
@@ -215,3 +216,7 @@ def _megabytes(count: int | None) -> str:
 
 def _directories(count: int) -> str:
     return f"{count} document {'directory' if count == 1 else 'directories'}"
+
+
+class DocumentImportError(StoreError, ValueError):
+    """A document cannot be imported from another store (another fingerprint, or a damaged copy)."""

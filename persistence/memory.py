@@ -206,6 +206,24 @@ class PersistentMemory:
         best = scores.topk(k, dim=1).indices
         return torch.cat(all_ids, dim=1).gather(1, best)
 
+    def document_candidates(
+        self, queries: torch.Tensor, head: int, k: int
+    ) -> list[tuple[int, torch.Tensor, torch.Tensor, np.ndarray]]:
+        """What `search` merges, per document: for queries (R, D) float32 of one KV head, a list of
+        (position in doc_ids, exact scores (R, k_d), token indices in the document (R, k_d), their
+        stored rows (R, k_d, 2, D) in the storage dtype), k_d = min(k, tokens of the document).
+
+        A sharded memory (fot_memory_plugin.distributed) merges these exactly as `search` does.
+        """
+        found = []
+        for position, part in enumerate(self._parts):
+            if part.num_tokens == 0:
+                continue
+            scores, local = self._search_part(part, head, queries, min(k, part.num_tokens))
+            rows = np.asarray(part.kv[local.numpy().reshape(-1), :, head])  # (R * k_d, 2, D)
+            found.append((position, scores, local, rows.reshape(*local.shape, *rows.shape[1:])))
+        return found
+
     def _search_part(
         self, part: DocumentLayer, head: int, queries: torch.Tensor, k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -401,6 +401,18 @@ class MemoryStore:
         if differences:
             raise IncompatibleStoreError(str(self.path), differences)
 
+    def import_document(self, source: MemoryStore, id_or_name: str, *, force: bool = False) -> tuple[DocumentRecord, bool]:
+        """Copy a ready document of another store (same fingerprint) into this one; returns (record, copied now).
+
+        The same commit as a read (temp dir, fsync, rename, row last; see importing.py), under this
+        store's writer lock. The document keeps its id and creation time. A text (sha256) already
+        stored is not copied again unless force=True. Raises DocumentImportError on another model
+        or memory configuration.
+        """
+        from .importing import import_document
+
+        return import_document(self, source, id_or_name, force=force)
+
     def forget(self, id_or_name: str) -> DocumentRecord:
         """Remove a document: its row first (one transaction that lists its directory as pending
         removal), then its directory. Returns its record. Processes already answering from it

@@ -11,6 +11,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The converted default model is cached inside the checkout, so test runs share it and never
 # touch the user's cache.
 os.environ.setdefault("FOT_MEMORY_CACHE", str(Path(__file__).resolve().parents[1] / ".cache"))
+# Ray (tests/test_ray_*.py): a local cluster on the loopback address only. Ray reads this when it
+# is imported and otherwise advertises the machine's outward address.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import pytest
 import torch
@@ -77,3 +80,17 @@ def tiny_model_dir(tmp_path_factory, smollm2) -> Path:
     LlamaForCausalLM(config).save_pretrained(directory)
     smollm2.tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster for the session (2 CPUs, loopback only, no dashboard); skips without Ray."""
+    ray = pytest.importorskip("ray")
+    env = {name: os.environ[name] for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "FOT_MEMORY_CACHE",
+                                               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env={"env_vars": env},
+             log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
