@@ -36,7 +36,7 @@ from .passages import (
     passage_text,
     rank_chunks,
 )
-from .persistence import Chunk, DocumentRecord, MemoryStore, num_threads
+from .persistence import Chunk, DocumentRecord, MemoryStore, StoreNotFoundError, num_threads
 from .persistence.errors import IncompatibleStoreError
 from .persistence.metadata import fingerprint_differences, normalise_fingerprint
 from .persistence.files import validate_name
@@ -464,6 +464,15 @@ class DocumentMemory:
 
     def info(self) -> dict[str, Any]:
         return self.store.info()
+
+
+def _recorded_fingerprint(path: Path) -> dict[str, Any] | None:
+    """What an existing store recorded (None for a new or empty store); opens it read-only."""
+    try:
+        with MemoryStore.open(path, create=False, readonly=True) as store:
+            return store.fingerprint
+    except StoreNotFoundError:
+        return None
 
 
 def _as_config_fields(recorded: dict[str, Any]) -> dict[str, Any]:
