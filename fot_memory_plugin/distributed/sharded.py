@@ -58,6 +58,10 @@ class ShardActor:
     def chunks(self, doc_id: str, token_indices: list[int] | None) -> list[Chunk]:
         return self._store.chunks(doc_id, token_indices)
 
+    def damaged(self, doc_ids: list[str]) -> dict[str, str]:
+        """{doc id: problem} of the given documents whose files do not check out (MemoryStore.usable)."""
+        return self._store.usable([self._store.document(doc_id) for doc_id in doc_ids])[1]
+
     def search(self, layer: int, doc_ids: tuple[str, ...], grouped: np.ndarray, k: int, exact: bool,
                ef: int | None, exact_below: int, merge: bool = False) -> list[list[Candidates]]:
         """Per KV head, per document of doc_ids (in that order): its candidates for queries
@@ -209,6 +213,16 @@ class ShardedStore:
             self._chunk_cache[record.id] = self._ray.get(self._actors[self._owner[record.id]].chunks.remote(record.id, None))
         return list(self._chunk_cache[record.id])
 
+    def usable(self, records: Sequence[DocumentRecord]) -> tuple[list[DocumentRecord], dict[str, str]]:
+        """As MemoryStore.usable: each shard checks its own documents' files."""
+        by_shard: dict[int, list[str]] = {}
+        for record in records:
+            by_shard.setdefault(self._owner[record.id], []).append(record.id)
+        damaged: dict[str, str] = {}
+        for found in self._ray.get([self._actors[shard].damaged.remote(ids) for shard, ids in by_shard.items()]):
+            damaged.update(found)
+        return [record for record in records if record.id not in damaged], damaged
+
     def info(self) -> dict[str, Any]:
         return {"path": str(self.path), "shards": self.num_shards, "fingerprint": self.fingerprint,
                 "documents": len(self._records), "total_tokens": sum(r.num_tokens for r in self._records)}
@@ -224,7 +238,7 @@ class ShardedStore:
     def forget(self, id_or_name: str) -> Any:
         raise StoreReadOnlyError(str(self.path), "forget a document of a sharded store")
 
-    def memory(self, layer: int, doc_ids: Sequence[str] | None = None, *, ef: int | None = None,
+    def memory(self, layer: int, doc_ids: Sequence[str | DocumentRecord] | None = None, *, ef: int | None = None,
                exact: bool = False, exact_below: int = DEFAULT_EXACT_BELOW,
                merge_in_shards: bool | None = None) -> ShardedMemory:
         """As MemoryStore.memory: one layer over some documents (ids or names; None = all).
@@ -236,7 +250,8 @@ class ShardedStore:
         """
         if isinstance(doc_ids, str):
             raise TypeError(f"doc_ids must be a list of ids or names, got the string {doc_ids!r}; use [{doc_ids!r}].")
-        records = self.documents() if doc_ids is None else [self.document(key) for key in doc_ids]
+        records = self.documents() if doc_ids is None else [
+            key if isinstance(key, DocumentRecord) else self.document(key) for key in doc_ids]
         if len({record.id for record in records}) != len(records):
             raise ValueError(f"doc_ids {list(doc_ids or [])} name a document twice: list each once.")
         for record in records:
