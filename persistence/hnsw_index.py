@@ -44,9 +44,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hnswlib
 import numpy as np
-import torch
+import torch  # before hnswlib: the other order segfaults with torch 2.11 (the GPU machine)
+
+import hnswlib  # noqa: I001
 
 __all__ = ["IndexParams", "IndexBuilder", "HnswIndex", "IndexExtras", "default_ef", "num_threads"]
 
