@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import ANSWER_MODES, DEFAULT_ANSWER_MODE, DEFAULT_RANKING, RANKINGS, MemoryConfig
-from .distributed.commands import add_ray_option, add_shard_command, ask_on_ray, read_on_ray  # no Ray import
+from .distributed.commands import add_ray_option, add_shard_command, open_on_ray, read_on_ray  # no Ray import
 
 __all__ = ["main", "build_parser", "parse_layers"]
 
@@ -286,9 +286,8 @@ def _read(args: argparse.Namespace) -> int:
 
 
 def _ask(args: argparse.Namespace) -> int:
-    if getattr(args, "ray", None) is not None:
-        return ask_on_ray(args)
-    with _open_documents(args, readonly=True) as memory:
+    on_ray = getattr(args, "ray", None) is not None
+    with open_on_ray(args) if on_ray else _open_documents(args, readonly=True) as memory:
         on_text = (lambda piece: print(piece, end="", flush=True)) if args.stream and not args.json else None
         answer = memory.ask(
             args.question, docs=args.doc, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,

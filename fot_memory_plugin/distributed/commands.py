@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-__all__ = ["add_ray_option", "add_shard_command", "read_on_ray", "ask_on_ray"]
+__all__ = ["add_ray_option", "add_shard_command", "read_on_ray", "open_on_ray"]
 
 _RAY_HELP = ("run on Ray: a new local cluster, or the one at ADDRESS ('auto', '127.0.0.1:6379', "
              "'ray://host:10001'); put it after the other arguments or write --ray=ADDRESS")
@@ -62,24 +62,13 @@ def read_on_ray(args: argparse.Namespace) -> int:
     return 0
 
 
-def ask_on_ray(args: argparse.Namespace) -> int:
-    """`fot-memory ask QUESTION --ray [ADDRESS] --store STORE_OR_CATALOG`: memories in shard actors."""
+def open_on_ray(args: argparse.Namespace):
+    """The memory `fot-memory ask QUESTION --ray [ADDRESS] --store STORE_OR_CATALOG` answers from:
+    the store's (or catalog's) shards held by Ray actors. The CLI asks and prints as without Ray."""
     from ..documents import default_store_dir
     from .serving import open_sharded
 
-    with open_sharded(args.store or default_store_dir(), ray_address=_address(args), device=args.device) as memory:
-        on_text = (lambda piece: print(piece, end="", flush=True)) if args.stream and not args.json else None
-        answer = memory.ask(args.question, docs=args.doc, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
-                            on_text=on_text, num_sources=args.sources, exact=args.exact)
-    if args.json:
-        print(json.dumps(answer.to_dict()))
-        return 0
-    print(answer.text if on_text is None else "")
-    for number, source in enumerate(answer.sources, 1):
-        passage = " ".join(source.text.split())
-        print(f"[{number}] {source.doc} chars {source.start_char}-{source.end_char} "
-              f"(weight {source.weight:.3f}): {passage}")
-    return 0
+    return open_sharded(args.store or default_store_dir(), ray_address=_address(args), device=args.device)
 
 
 def _shard(args: argparse.Namespace) -> int:
