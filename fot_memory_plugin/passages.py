@@ -1,7 +1,8 @@
 """Which stored passages a question draws memory attention to, and how they re-enter the prompt.
 
-Sources are text chunks (CHUNK_TOKENS tokens each) scored by the share of memory attention their
-tokens receive. Some chunks draw attention whatever is asked (a document's opening, formatting
+Sources are text chunks scored by the share of memory attention their tokens receive. A chunk is
+a run of whole sentences of at most CHUNK_TOKENS tokens (llama-index's SentenceSplitter picks the
+cuts; a longer sentence is cut between words), so a cited passage reads as prose. Some chunks draw attention whatever is asked (a document's opening, formatting
 runs: attention sinks), so the ranking can subtract what a question-independent probe gives each
 chunk: `lift = share under the question - share under the probe`.
 
@@ -21,8 +22,10 @@ import torch
 from .config import ANSWER_MODES, RANKINGS, AnswerMode, Ranking
 from .persistence import Chunk
 
-__all__ = ["ScoredChunk", "AnswerMode", "Ranking", "ANSWER_MODES", "RANKINGS", "BASELINE_PROBE",
+__all__ = ["CHUNK_TOKENS", "sentence_chunks", "ScoredChunk", "AnswerMode", "Ranking", "ANSWER_MODES", "RANKINGS", "BASELINE_PROBE",
            "chunk_shares", "rank_chunks", "choose_passages", "passage_text"]
+
+CHUNK_TOKENS = 64  # at most, per cited passage: a sentence or two of prose
 
 # A question about nothing in particular: the attention it pays is the question-independent part.
 BASELINE_PROBE = "Here is a question about the text."
@@ -37,6 +40,34 @@ class ScoredChunk:
 
 
 ChunksOf = Callable[[str], tuple[list[Chunk], np.ndarray]]  # doc id -> (chunks, their start tokens)
+
+
+def sentence_chunks(text: str, offsets: Sequence[tuple[int, int]], tokenize: Callable[[str], list],
+                    max_tokens: int = CHUNK_TOKENS) -> list[tuple[int, int, int, int, str]]:
+    """(start_token, end_token, start_char, end_char, text) for runs of whole sentences.
+
+    offsets: each token's (start_char, end_char) in `text`; tokenize: text -> token list (the
+    splitter's length measure). The chunks tile the tokens: every token belongs to exactly one.
+    """
+    from llama_index.core.node_parser import SentenceSplitter  # imported here: slow to import
+
+    if not offsets:
+        return []
+    splitter = SentenceSplitter(chunk_size=max_tokens, chunk_overlap=0, tokenizer=tokenize)
+    token_starts = np.fromiter((start for start, _ in offsets), dtype=np.int64, count=len(offsets))
+    cuts, cursor = {0}, 0
+    for piece in splitter.split_text(text):
+        found = text.find(piece, cursor)
+        if found < 0:  # the splitter changed the piece's whitespace: keep the cuts found so far
+            continue
+        cuts.add(int(np.searchsorted(token_starts, found, side="left")))
+        cursor = found + len(piece)
+    bounds = sorted(cut for cut in cuts if cut < len(offsets)) + [len(offsets)]
+    chunks = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        start_char, end_char = offsets[start][0], offsets[end - 1][1]
+        chunks.append((start, end, start_char, end_char, text[start_char:end_char]))
+    return chunks
 
 
 def chunk_shares(attention: torch.Tensor, doc_ids: Sequence[str], offsets: Sequence[int], window: int,

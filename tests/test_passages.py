@@ -75,7 +75,8 @@ def test_reread_of_a_document_shorter_than_the_window_asks_with_the_document_in_
     with DocumentMemory.open(short_store, model=str(tiny_model_dir), config=config) as memory:
         records = memory.documents()
         prompt = memory.engine.encode(QUESTION)
-        chosen, reread = memory._reread_prompt(QUESTION, records, prompt, False, True, "lift", 4)
+        ranked = memory._passages(records, prompt, False, True, "lift")
+        chosen, reread = memory._reread_prompt(QUESTION, ranked, records, False, 4)
         chunks = memory.store.chunks(records[0].id)
         assert len(chosen) == len(chunks)  # everything fits: every chunk is placed
         document = BOOK.read_text(encoding="utf-8")[:600]
@@ -90,12 +91,14 @@ def test_reread_of_a_document_shorter_than_the_window_asks_with_the_document_in_
 
 
 def test_reread_places_only_what_fits_beside_question_and_answer(short_store, tiny_model_dir):
-    with DocumentMemory.open(short_store, model=str(tiny_model_dir)) as memory:  # local window 64
+    config = CONFIG.replace(last_context_length=128)  # room for a passage or two, not the document
+    with DocumentMemory.open(short_store, model=str(tiny_model_dir), config=config) as memory:
         records = memory.documents()
         prompt = memory.engine.encode(QUESTION)
-        chosen, reread = memory._reread_prompt(QUESTION, records, prompt, False, True, "lift", 8)
-        assert reread.shape[1] + 8 <= memory.engine.config.context_length
         ranked = memory._passages(records, prompt, False, True, "lift")
+        chosen, reread = memory._reread_prompt(QUESTION, ranked, records, False, 8)
+        assert len(chosen) < len(memory.store.chunks(records[0].id))
+        assert reread.shape[1] + 8 <= memory.engine.config.context_length
         budget = memory.engine.config.context_length - prompt.shape[1] - 8
         assert chosen == choose_passages(ranked, budget)[: len(chosen)] and chosen
         expected = f"{passage_text(chosen, [records[0].id])}\n\n{QUESTION}"
