@@ -1,0 +1,14 @@
+"""Persistent document memories: read once into a store, ask from any process, cite passages.
+
+- `document_memory.py`: `DocumentMemory` joins the engine and the store (reading, asking, sources);
+- `passages.py`: memory attention per passage, ranking by lift or weight, re-read answering's prompt.
+"""
+
+from __future__ import annotations
+
+from .._lazy import lazy_exports
+
+__all__ = ["DocumentMemory", "Answer", "Source", "LeftOut", "default_store_dir", "load_text", "STORE_ENV",
+           "STORE_DEFAULTS"]
+
+__getattr__, __dir__ = lazy_exports(__name__, {name: ".document_memory" for name in __all__})
