@@ -14,11 +14,11 @@ import torch
 
 from conftest import BOOK, QUESTION
 from fot_memory_plugin import MemoryConfig
-from fot_memory_plugin.cli import main
-from fot_memory_plugin.documents import DocumentMemory
-from fot_memory_plugin.index import FoTMemoryIndex
-from fot_memory_plugin.llm import FoTMemoryLLM
-from fot_memory_plugin.passages import ScoredChunk, choose_passages, chunk_shares, passage_text, rank_chunks
+from fot_memory_plugin.apps.cli import main
+from fot_memory_plugin.documents.document_memory import DocumentMemory
+from fot_memory_plugin.integrations.llama_index.index import FoTMemoryIndex
+from fot_memory_plugin.integrations.llama_index.llm import FoTMemoryLLM
+from fot_memory_plugin.documents.passages import ScoredChunk, choose_passages, chunk_shares, passage_text, rank_chunks
 from fot_memory_plugin.persistence import Chunk
 
 CONFIG = MemoryConfig(local_window=64, top_k=8, mem_dtype="float16", retrieval="exact")
@@ -120,7 +120,7 @@ def test_every_answer_mode_is_reachable_from_cli_llm_query_engine_and_block(shor
             llm = FoTMemoryLLM(document_memory=index.memory, answer_mode=mode, max_new_tokens=2)
             assert llm.complete(QUESTION).additional_kwargs["sources"]
             assert llm.complete(QUESTION, answer_mode="memory", ranking="attention").additional_kwargs["sources"]
-        from fot_memory_plugin.agent_memory import FoTDocumentMemoryBlock
+        from fot_memory_plugin.integrations.llama_index.agent_memory import FoTDocumentMemoryBlock
 
         block = FoTDocumentMemoryBlock(index=index, ranking="attention")
         assert block._passages(QUESTION)

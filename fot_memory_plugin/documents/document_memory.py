@@ -21,10 +21,10 @@ import numpy as np
 import platformdirs
 import torch
 
-from .config import DEFAULT_ANSWER_MODE, DEFAULT_RANKING, MemoryConfig
-from .engine import MemoryEngine
-from .errors import CorruptDocumentError, DocumentInputError, NoDocumentsError, QuestionTooLongError
-from .models import load_model, model_fingerprint
+from ..core.config import DEFAULT_ANSWER_MODE, DEFAULT_RANKING, MemoryConfig
+from ..core.engine import MemoryEngine
+from ..core.errors import CorruptDocumentError, DocumentInputError, NoDocumentsError, QuestionTooLongError
+from ..models.loading import load_model, model_fingerprint
 from .passages import (
     ANSWER_MODES,
     BASELINE_PROBE,
@@ -38,11 +38,11 @@ from .passages import (
     sentence_chunks,
 )
 from .voting_heads import VotingHeads
-from .persistence import Chunk, DocumentRecord, MemoryStore, StoreNotFoundError, num_threads
-from .persistence.errors import IncompatibleStoreError
-from .persistence.metadata import fingerprint_differences, normalise_fingerprint
-from .persistence.files import validate_name
-from .persistence.writer import estimate_document_bytes
+from ..persistence import Chunk, DocumentRecord, MemoryStore, StoreNotFoundError, num_threads
+from ..persistence.errors import IncompatibleStoreError
+from ..persistence.metadata import fingerprint_differences, normalise_fingerprint
+from ..persistence.files import validate_name
+from ..persistence.writer import estimate_document_bytes
 
 __all__ = ["DocumentMemory", "Answer", "Source", "LeftOut", "default_store_dir", "load_text", "STORE_ENV"]
 

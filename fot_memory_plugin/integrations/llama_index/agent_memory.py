@@ -25,7 +25,7 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.memory.memory import BaseMemoryBlock
 from llama_index.core.tools import QueryEngineTool
 
-from .config import DEFAULT_RANKING, Ranking
+from ...core.config import DEFAULT_RANKING, Ranking
 from .index import FoTMemoryIndex
 
 __all__ = ["FoTDocumentMemoryBlock", "document_memory_tool"]

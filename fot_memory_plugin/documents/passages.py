@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import ANSWER_MODES, RANKINGS, AnswerMode, Ranking
-from .persistence import Chunk
+from ..core.config import ANSWER_MODES, RANKINGS, AnswerMode, Ranking
+from ..persistence import Chunk
 
 __all__ = ["CHUNK_TOKENS", "sentence_chunks", "ScoredChunk", "AnswerMode", "Ranking", "ANSWER_MODES", "RANKINGS", "BASELINE_PROBE",
            "chunk_shares", "rank_chunks", "choose_passages", "passage_text"]
