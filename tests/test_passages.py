@@ -152,3 +152,57 @@ def test_a_planted_fact_outranks_the_opening_and_every_window_start(smollm2_fot,
         answer = memory.ask("The lighthouse keeper's parrot was called Captain", chat=False, max_new_tokens=3,
                             answer_mode="reread", exact=True)
         assert "Biscuit" in answer.text
+
+
+def test_sentence_chunks_tile_the_tokens_and_cut_between_sentences(smollm2):
+    from fot_memory_plugin.documents.passages import sentence_chunks
+
+    text = BOOK.read_text(encoding="utf-8")[:3000]
+    encoding = smollm2.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    offsets = encoding["offset_mapping"]
+    tokenize = lambda piece: smollm2.tokenizer.encode(piece, add_special_tokens=False)  # noqa: E731
+    chunks = sentence_chunks(text, offsets, tokenize, max_tokens=64)
+    assert chunks[0][0] == 0 and chunks[-1][1] == len(offsets)
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))  # every token in exactly one chunk
+    assert all(end - start <= 80 for start, end, *_ in chunks)  # about the splitter's 64 (token counts differ a little in context)
+    for start, end, start_char, end_char, piece in chunks:
+        assert piece == text[start_char:end_char] and piece.strip()
+    ends = [piece.rstrip()[-1] for *_, piece in chunks[:-1]]
+    assert sum(end in '.!?"_;:' for end in ends) >= 0.8 * len(ends)  # whole sentences, not 64-token cuts
+
+
+def test_voting_heads_rank_by_their_own_attention_only(short_store, tiny_model_dir):
+    from fot_memory_plugin.documents.passages import chunk_sums
+    from fot_memory_plugin.documents.voting_heads import VotingHeads
+
+    with DocumentMemory.open(short_store, model=str(tiny_model_dir), config=CONFIG) as memory:
+        assert memory.voting_heads is None  # no profile was calibrated for this model
+        records = memory.documents()
+        doc_id = records[0].id
+        labels, question, probe = memory.head_attention(QUESTION, chat=False)
+        prompt = memory.engine.encode(QUESTION)
+        with memory._attending(records, exact=True) as (memories, attention), torch.no_grad():
+            memory.engine.model(input_ids=prompt, attention_mask=torch.ones_like(prompt), use_cache=False)
+        every = chunk_sums(attention, [doc_id], next(iter(memories.values())).offsets, CONFIG.local_window,
+                           memory._chunks_of)[doc_id]
+        assert np.allclose(question[doc_id].sum(axis=0), every)  # per-head attention adds up to the whole
+        layer, head = labels[-1]
+        memory.voting_heads = VotingHeads({layer: (head,)})
+        ranked = memory._passages(records, prompt, False, True, "attention")
+        alone = question[doc_id][-1]
+        assert [item.chunk.index for item in ranked] == [int(i) for i in np.argsort(-alone, kind="stable") if alone[i] > 0]
+
+
+def test_a_voting_heads_profile_of_another_model_is_not_used(tmp_path, monkeypatch):
+    from fot_memory_plugin.documents import voting_heads
+
+    profile = voting_heads.VotingHeads({3: (1, 2)}, "some/model", "abc", {"examples": 4})
+    profile.save(tmp_path / "mine.json")
+    assert voting_heads.VotingHeads.load(tmp_path / "mine.json") == profile
+    monkeypatch.setattr(voting_heads, "HEADS_DIR", tmp_path)
+    same = {"model": {"model_id": "some/model", "config_hash": "abc"}}
+    assert voting_heads.VotingHeads.for_model("mine", same, [3, 4]) == profile
+    assert voting_heads.VotingHeads.for_model("mine", {"model": {"model_id": "other", "config_hash": "abc"}}, [3]) is None
+    assert voting_heads.VotingHeads.for_model("mine", same, [4]) is None  # layer 3 is not a memory layer here
+    with pytest.raises(ValueError, match="at least one head"):
+        voting_heads.VotingHeads({3: ()})

@@ -33,6 +33,7 @@ from .passages import (
     ScoredChunk,
     choose_passages,
     chunk_shares,
+    chunk_sums,
     passage_text,
     rank_chunks,
     sentence_chunks,
@@ -356,11 +357,11 @@ class DocumentMemory:
         by_id = {record.id: record for record in records}
         return [_source(item, by_id) for item in self._passages(records, prompt, chat, exact, ranking)[:num_sources]]
 
-    def head_shares(self, question: str, *, docs: Sequence[str] | None = None, chat: bool = True,
-                    exact: bool = True) -> tuple[list[tuple[int, int]], dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Every memory head's chunk shares under the question and under BASELINE_PROBE: for
-        calibrating voting heads. Returns (labels: (layer, head) per row; per document (H, C)
-        shares under the question; the same under the probe)."""
+    def head_attention(self, question: str, *, docs: Sequence[str] | None = None, chat: bool = True,
+                       exact: bool = True) -> tuple[list[tuple[int, int]], dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Every memory head's attention per chunk under the question and under BASELINE_PROBE,
+        for calibrating voting heads. Returns (labels: (layer, head) per row; per document an
+        (H, C) array of attention sums under the question; the same under the probe)."""
         records, _, prompt = self._records_and_prompt(question, docs, chat)
         probe = self.engine.chat_prompt(BASELINE_PROBE) if chat else self.engine.encode(BASELINE_PROBE)
         results = []
@@ -369,8 +370,8 @@ class DocumentMemory:
                 self.engine.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
             memory = next(iter(memories.values()))
             flat = attention.reshape(attention.shape[0], -1)  # (N, layers * heads)
-            columns = [chunk_shares(flat[:, column], memory.doc_ids, memory.offsets,
-                                    self.engine.config.local_window, self._chunks_of) for column in range(flat.shape[1])]
+            columns = [chunk_sums(flat[:, column], memory.doc_ids, memory.offsets,
+                                  self.engine.config.local_window, self._chunks_of) for column in range(flat.shape[1])]
             results.append({doc_id: np.stack([column[doc_id] for column in columns]) for doc_id in columns[0]})
         heads = self.engine.model.config.num_attention_heads
         labels = [(layer, head) for layer in self.engine.layers for head in range(heads)]

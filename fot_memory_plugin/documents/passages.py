@@ -23,7 +23,7 @@ from ..core.config import ANSWER_MODES, RANKINGS, AnswerMode, Ranking
 from ..persistence import Chunk
 
 __all__ = ["CHUNK_TOKENS", "sentence_chunks", "ScoredChunk", "AnswerMode", "Ranking", "ANSWER_MODES", "RANKINGS", "BASELINE_PROBE",
-           "chunk_shares", "rank_chunks", "choose_passages", "passage_text"]
+           "chunk_shares", "chunk_sums", "rank_chunks", "choose_passages", "passage_text"]
 
 CHUNK_TOKENS = 64  # at most, per cited passage: a sentence or two of prose
 
@@ -60,7 +60,7 @@ def sentence_chunks(text: str, offsets: Sequence[tuple[int, int]], tokenize: Cal
         found = text.find(piece, cursor)
         if found < 0:  # the splitter changed the piece's whitespace: keep the cuts found so far
             continue
-        cuts.add(int(np.searchsorted(token_starts, found, side="left")))
+        cuts.add(max(0, int(np.searchsorted(token_starts, found, side="right")) - 1))  # the token holding it
         cursor = found + len(piece)
     bounds = sorted(cut for cut in cuts if cut < len(offsets)) + [len(offsets)]
     chunks = []
@@ -79,18 +79,24 @@ def chunk_shares(attention: torch.Tensor, doc_ids: Sequence[str], offsets: Seque
     read and soaks up attention whatever the question (the document's first token alone drew 25%
     of all memory attention on Pride and Prejudice).
     """
+    sums = chunk_sums(attention, doc_ids, offsets, window, chunks_of)
+    total = sum(float(per_chunk.sum()) for per_chunk in sums.values())
+    return {doc_id: per_chunk / total if total > 0 else np.zeros_like(per_chunk) for doc_id, per_chunk in sums.items()}
+
+
+def chunk_sums(attention: torch.Tensor, doc_ids: Sequence[str], offsets: Sequence[int], window: int,
+               chunks_of: ChunksOf) -> dict[str, np.ndarray]:
+    """Per document, the memory attention each chunk's tokens received (window starts left out)."""
     attention = attention.double().clone()
     for position in range(len(doc_ids)):
         attention[int(offsets[position]) : int(offsets[position + 1]) : window] = 0
-    total = float(attention.sum())
-    shares = {}
+    sums = {}
     for position, doc_id in enumerate(doc_ids):
         start, end = int(offsets[position]), int(offsets[position + 1])
         chunks, starts = chunks_of(doc_id)
         owner = np.searchsorted(starts, np.arange(end - start), side="right") - 1
-        per_chunk = np.bincount(owner, weights=attention[start:end].numpy(), minlength=len(chunks))
-        shares[doc_id] = per_chunk / total if total > 0 else np.zeros(len(chunks))
-    return shares
+        sums[doc_id] = np.bincount(owner, weights=attention[start:end].numpy(), minlength=len(chunks))
+    return sums
 
 
 def rank_chunks(shares: dict[str, np.ndarray], baseline: dict[str, np.ndarray] | None, chunks_of: ChunksOf,
