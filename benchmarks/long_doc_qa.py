@@ -50,6 +50,7 @@ COMPLETION_PROMPT = "{context_str}\n\n{query_str}"
 
 
 LIMIT: int | None = None  # --limit: the first N questions of each length (a smoke run)
+ONLY_FORMS: tuple[str, ...] = ("completion", "question")  # --forms
 
 
 def _questions(haystacks: list[hs.Haystack]) -> Iterator[tuple[hs.Haystack, hs.Cue, str, bool]]:
@@ -57,6 +58,8 @@ def _questions(haystacks: list[hs.Haystack]) -> Iterator[tuple[hs.Haystack, hs.C
     for haystack in haystacks:
         for cue in haystack.cues:
             for form, chat in FORMS:
+                if form not in ONLY_FORMS:
+                    continue
                 if LIMIT is not None and asked >= LIMIT:
                     return
                 asked += 1
@@ -131,8 +134,7 @@ def _ask_all(memory, haystacks: list[hs.Haystack], name: str, length: int, resul
         prompt_text = getattr(cue, form) + (args.question_suffix if form == "question" else "")
         records, _, prompt = memory._records_and_prompt(prompt_text, [doc_id], chat)
         rankings = {}
-        for label, heads, ranking in (("lift+heads", calibrated, "lift"), ("lift", None, "lift"),
-                                      ("attention", None, "attention")):
+        for label, heads, ranking in (("lift+heads", calibrated, "lift"), ("lift", None, "lift")):
             if label == "lift+heads" and heads is None:
                 continue
             memory.voting_heads = heads
@@ -161,9 +163,26 @@ def _plain_model(args: argparse.Namespace):
     return MemoryEngine(loaded.model, loaded.tokenizer, MemoryConfig())
 
 
+class _FirstLineDone:
+    """A stopping criterion: the answer has a non-empty first line and a newline after it (only the
+    first line is scored; the rest is drift). A leading newline does not stop it."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.start = tokenizer, None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        if self.start is None:  # first call: one token generated so far
+            self.start = input_ids.shape[1] - 1
+        text = self.tokenizer.decode(input_ids[0, self.start:], skip_special_tokens=True).lstrip()
+        return torch.tensor([bool(text.strip()) and "\n" in text], device=input_ids.device)
+
+
 def _stop(engine) -> dict:
-    """Stop at the end of the first line: only the first line is scored, the rest is drift."""
-    return {"stop_strings": ["\n"], "tokenizer": engine.tokenizer}
+    from transformers import StoppingCriteriaList
+
+    return {"stopping_criteria": StoppingCriteriaList([_FirstLineDone(engine.tokenizer)])}
 
 
 def _plain_answer(engine, text: str, chat: bool, max_new_tokens: int) -> str:
@@ -181,15 +200,18 @@ def run_rag(args: argparse.Namespace, spec: dict, cues: list[hs.Cue], engine) ->
 
     from fot_memory_plugin.integrations.llama_index.embeddings import MiniLMEmbedding
 
+    from llama_index.core import Settings
+
     results = Results(args.results, "rag")
     embed = MiniLMEmbedding()
     tokenize = lambda text: engine.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    Settings.tokenizer = tokenize  # chunks of 200 of the model's tokens (and no tiktoken download)
     for length in args.lengths:
         haystacks = hs.build(spec, cues, length, tokenize, books_dir=args.books_dir)
         started = time.perf_counter()
         documents = [Document(text=h.text, metadata={"haystack": h.name}) for h in haystacks]
         index = VectorStoreIndex.from_documents(documents, embed_model=embed,
-                                                transformations=[SentenceSplitter(chunk_size=200, chunk_overlap=20)])
+                                                transformations=[SentenceSplitter(chunk_size=200, chunk_overlap=20, tokenizer=tokenize)])
         if not results.has("rag-index", length):
             results.add({"method": "rag-index", "length": length, "seconds": round(time.perf_counter() - started, 2),
                          "device": str(engine.device)})
@@ -229,7 +251,7 @@ def run_baselines(args: argparse.Namespace, spec: dict, cues: list[hs.Cue], engi
             started = time.perf_counter()
             answer = _plain_answer(engine, text, chat, args.max_new_tokens)
             results.add(_row(method, 0, cue, form, answer, time.perf_counter() - started, None))
-        print(f"baselines {cue.id} {form}: {hs.first_line(answer)[:40]!r}", flush=True)
+            print(f"baselines {method} {cue.id} {form}: {hs.first_line(answer)[:40]!r}", flush=True)
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -340,10 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--report", action="store_true", help="only print the table and write the PNG")
     parser.add_argument("--books", nargs="*", help="only these books' questions")
+    parser.add_argument("--forms", nargs="+", default=["completion", "question"], choices=["completion", "question"])
     parser.add_argument("--limit", type=int, help="only the first N questions per length (a smoke run)")
     args = parser.parse_args(argv)
-    global LIMIT
-    LIMIT = args.limit
+    global LIMIT, ONLY_FORMS
+    LIMIT, ONLY_FORMS = args.limit, tuple(args.forms)
     if not args.report:
         spec, cues = hs.load_cues(args.cues)
         if args.books:
