@@ -31,6 +31,7 @@ __all__ = [
     "UnsupportedModelError",
     "AdapterStateError",
     "ModelNotFoundError",
+    "UnsupportedCheckpointError",
     "DocumentInputError",
     "NoDocumentsError",
     "QuestionTooLongError",
@@ -71,3 +72,7 @@ class NoDocumentsError(FoTMemoryError, LookupError):
 
 class QuestionTooLongError(FoTMemoryError, ValueError):
     """A question longer than the local context: read long material as a document instead."""
+
+
+class UnsupportedCheckpointError(FoTMemoryError, ValueError):
+    """A checkpoint in a known format (LongLLaMA) that uses a feature fot-memory cannot compute."""
