@@ -49,7 +49,8 @@ class FoTDocumentMemoryBlock(BaseMemoryBlock[str]):
         description="What the block holds.",
     )
     memory_docs: Optional[List[str]] = Field(
-        default=None, description="Documents (names, store ids or llama-index ids) to attend to; None: all."
+        default=None, description="Documents (names, store ids or llama-index ids) to attend to; None: all. "
+        "With include_conversations, [] attends to the conversations only.",
     )
     num_sources: int = Field(default=2, ge=1, description="Passages put into the prompt per turn.")
     max_chars: int = Field(default=600, gt=0, description="Characters kept of each passage.")
@@ -99,9 +100,10 @@ class FoTDocumentMemoryBlock(BaseMemoryBlock[str]):
             heading += " Conversations in memory: " + ", ".join(
                 f"{chat} ({_turns(chat_parts)})" for chat, chat_parts in chats.items()) + "."
         question = _latest_user_text(messages or [])
-        if not records or not question:
+        docs = self._attended(chats)
+        if not records or not question or docs == []:
             return heading
-        nodes = await asyncio.to_thread(self._passages, question, chats)
+        nodes = await asyncio.to_thread(self._passages, question, docs)
         by_id = {record.id: record for record in records}
         lines = [f"{heading} Passages the question attends to:"]
         for found in nodes:
@@ -118,10 +120,14 @@ class FoTDocumentMemoryBlock(BaseMemoryBlock[str]):
                              f"{passage}")
         return "\n".join(lines)
 
-    def _passages(self, question: str, chats: dict) -> list:
+    def _attended(self, chats: dict) -> Optional[List[str]]:
+        """The documents to attend to (None: all): memory_docs, and the conversations if included."""
         docs = self.memory_docs
         if docs is not None and self.include_conversations:
             docs = [*docs, *(record.id for parts in chats.values() for record in parts)]
+        return docs
+
+    def _passages(self, question: str, docs: Optional[List[str]]) -> list:
         retriever = self._index.as_retriever(similarity_top_k=self.num_sources, memory_docs=docs,
                                              ranking=self.ranking)
         with self._engine_lock:

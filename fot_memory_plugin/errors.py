@@ -32,6 +32,7 @@ __all__ = [
     "AdapterStateError",
     "ModelNotFoundError",
     "UnsupportedCheckpointError",
+    "FunctionCallingUnsupportedError",
     "DocumentInputError",
     "NoDocumentsError",
     "QuestionTooLongError",
@@ -76,3 +77,7 @@ class QuestionTooLongError(FoTMemoryError, ValueError):
 
 class UnsupportedCheckpointError(FoTMemoryError, ValueError):
     """A checkpoint in a known format (LongLLaMA) that uses a feature fot-memory cannot compute."""
+
+
+class FunctionCallingUnsupportedError(FoTMemoryError, ValueError):
+    """A use that needs an LLM which calls functions (FunctionAgent, chat_with_tools) given FoTMemoryLLM."""

@@ -197,20 +197,19 @@ import asyncio, json, sys
 from llama_index.core.llms import ChatMessage
 from llama_index.core.memory import InsertMethod, Memory
 from fot_memory_plugin.agent_memory import FoTDocumentMemoryBlock
+from fot_memory_plugin.conversations import conversation_parts
 
-store, question = sys.argv[1], sys.argv[2]
+store, question, cue = sys.argv[1], sys.argv[2], sys.argv[3]
 block = FoTDocumentMemoryBlock(persist_dir=store, num_sources=2, max_chars=300)
 memory = Memory.from_defaults(session_id="a-new-conversation", token_limit=2000, memory_blocks=[block],
                               insert_method=InsertMethod.USER)
-messages = asyncio.run(memory.aget(input=question))  # the question with the block's passages before it
-llm = block.index.as_llm(memory_docs=[], max_new_tokens=24)  # the plain model, passages in its prompt
-reply = llm.chat(messages)
-conversation = [r.name for r in block.index.memory.documents() if "conversation" in r.metadata]
-recalled = block.index.as_llm(memory_docs=conversation, max_new_tokens=8).complete(
-    "I left my bicycle at the north gate of the station, locked with the code")
-print(json.dumps({"block": asyncio.run(block.aget([ChatMessage(role="user", content=question)])),
-                  "answer": reply.message.content, "recalled": recalled.text,
-                  "sources": recalled.additional_kwargs["sources"]}))
+asyncio.run(memory.aput(ChatMessage(role="user", content=question)))
+messages = asyncio.run(memory.aget())  # the question, the block's passages inserted before it
+chat = block.index.as_llm(memory_docs=[], max_new_tokens=24).chat(messages)  # the plain model, passages in its prompt
+said = [part.name for part in conversation_parts(block.index.memory.store, "monday")]
+answer = block.index.as_llm(memory_docs=said, max_new_tokens=8).complete(cue)  # memory attention over the chat
+print(json.dumps({"prompt": messages[-1].content, "chat": chat.message.content, "answer": answer.text,
+                  "sources": answer.additional_kwargs["sources"]}))
 block.index.close()
 """
 
@@ -227,11 +226,12 @@ def test_a_fact_told_in_one_session_is_recalled_by_the_real_model_in_a_new_proce
     finally:
         index.close()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
-    question = "What is the code of the lock on my bicycle?"
-    done = subprocess.run([sys.executable, "-c", SESSION_TWO, str(store), question], capture_output=True, text=True,
-                          env=env, timeout=600, check=True)
+    question, cue = "What is the code of the lock on my bicycle?", "My bicycle lock code is"
+    done = subprocess.run([sys.executable, "-c", SESSION_TWO, str(store), question, cue], capture_output=True,
+                          text=True, env=env, timeout=600, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     print(json.dumps(result, indent=2))
-    assert FACT in result["block"]  # the block's passages hold what was said on Monday
-    assert "7316" in result["answer"]  # and the answer carries it
-    assert "7316" in result["recalled"] and "7316" in result["sources"][0]["text"]  # through memory attention
+    assert FACT in result["prompt"] and question in result["prompt"]  # the block's passages hold what was said
+    # The answer, through memory attention over Monday's conversation, carries it, citing the turn.
+    assert "7316" in result["answer"] and result["sources"][0]["text"] == f"user: {FACT}\n"
+    assert "7316" in result["chat"]  # and so does the plain chat with the passages before the question
