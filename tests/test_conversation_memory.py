@@ -174,6 +174,37 @@ def conversation_parts_tokens(store: Path, result) -> int:
     return sum(part.num_tokens for part in parts[:-1])
 
 
+KILLED_APPEND = r"""
+import os, signal, sys
+from fot_memory_plugin.conversations import append_turns
+from fot_memory_plugin.documents import DocumentMemory
+from fot_memory_plugin.persistence import writer
+
+store, step = sys.argv[1], sys.argv[2]
+with DocumentMemory.open(store) as memory:
+    writer.after_step = lambda name: os.kill(os.getpid(), signal.SIGKILL) if name == step else None
+    append_turns(memory, "trip", [("user", "This turn was being written when the power failed.")])
+"""
+
+
+@pytest.mark.parametrize("step", ["kv_written", "renamed", "committed"])
+def test_an_append_killed_at_any_commit_step_leaves_whole_parts(fresh_store, step):
+    with DocumentMemory.open(fresh_store) as memory:
+        first = append_turns(memory, "trip", [("user", FACT)]).record
+    killed = subprocess.run([sys.executable, "-c", KILLED_APPEND, str(fresh_store), step], capture_output=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT / "tests")}, timeout=300)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    with DocumentMemory.open(fresh_store) as memory:  # a writer-side open clears the dead writer's debris
+        parts = conversation_parts(memory.store, "trip")
+        assert parts[0].id == first.id and len(parts) == (2 if step == "committed" else 1)
+        again = append_turns(memory, "trip", [("user", "And this one after the restart.")])
+        ids = sorted(record.id for record in memory.store.documents())
+        assert not list((fresh_store / "tmp").iterdir()), "the dead writer's files were left behind"
+        assert sorted(path.name for path in (fresh_store / "docs").iterdir()) == ids
+        assert memory.store.verify() == {}
+    assert again.part == len(parts) + 1 and again.memory_tokens == sum(part.num_tokens for part in parts)
+
+
 def test_turns_go_to_their_own_conversations_and_can_be_refused(fresh_store, store_dir):
     with FoTMemoryIndex.from_persist_dir(fresh_store) as index:
         block = FoTDocumentMemoryBlock(index=index, chat_id="desk")
