@@ -29,10 +29,11 @@ from typing import Any, Sequence
 
 import torch
 
+from .errors import ConversationNameTakenError
 from .memory import ExactMemory, Retrieved
 from .persistence import DocumentRecord, DuplicateDocumentError, MemoryStore, PersistentMemory
 
-__all__ = ["AppendResult", "CONVERSATION_KEY", "append_turns", "conversation_parts", "conversations",
+__all__ = ["AppendResult", "ConversationNameTakenError", "CONVERSATION_KEY", "append_turns", "conversation_parts", "conversations",
            "is_conversation", "turn_at", "ContinuedMemory"]
 
 logger = logging.getLogger(__name__)
@@ -118,11 +119,19 @@ def _try_append(memory: Any, chat_id: str, text: str, turns: list[tuple[str, str
         "turns": [{"role": role, "start_char": chars[0], "end_char": chars[1], "start_token": tokens[0],
                    "end_token": tokens[1]} for (role, _), chars, tokens in zip(turns, char_spans, token_spans)],
     }}
+    name = _part_name(chat_id, part)
     try:
-        writer = store.begin_document(_part_name(chat_id, part), sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        writer = store.begin_document(name, sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
                                       text_length=len(text), metadata=metadata, dtype=engine.config.mem_dtype)
     except DuplicateDocumentError:
-        return None
+        taken = store.document(name)
+        if (taken.metadata.get(CONVERSATION_KEY) or {}).get("chat_id") != chat_id:
+            raise ConversationNameTakenError(
+                f"The store holds a document named {name!r} (id {taken.id}) that is not part {part} of "
+                f"conversation {chat_id!r}, so that part cannot be written: forget or rename that document, "
+                "or use another chat id."
+            ) from None
+        return None  # another process appended part `part` first: start again
     with writer:  # holds the writer lock: the conversation cannot change until commit
         if [record.id for record in conversation_parts(store, chat_id)] != [record.id for record in earlier]:
             writer.abort()

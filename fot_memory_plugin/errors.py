@@ -33,6 +33,7 @@ __all__ = [
     "ModelNotFoundError",
     "UnsupportedCheckpointError",
     "FunctionCallingUnsupportedError",
+    "ConversationNameTakenError",
     "DocumentInputError",
     "NoDocumentsError",
     "QuestionTooLongError",
@@ -81,3 +82,7 @@ class UnsupportedCheckpointError(FoTMemoryError, ValueError):
 
 class FunctionCallingUnsupportedError(FoTMemoryError, ValueError):
     """A use that needs an LLM which calls functions (FunctionAgent, chat_with_tools) given FoTMemoryLLM."""
+
+
+class ConversationNameTakenError(FoTMemoryError, ValueError):
+    """The name a conversation's next part needs belongs to another document."""

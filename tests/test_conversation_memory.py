@@ -25,7 +25,7 @@ from llama_index.core.memory import InsertMethod, Memory
 from fot_memory_plugin.agent_memory import FoTDocumentMemoryBlock
 from fot_memory_plugin.conversations import append_turns, conversation_parts, conversations
 from fot_memory_plugin.documents import DocumentMemory
-from fot_memory_plugin.errors import StoreReadOnlyError
+from fot_memory_plugin.errors import ConversationNameTakenError, StoreReadOnlyError
 from fot_memory_plugin.index import FoTMemoryIndex
 from fot_memory_plugin.persistence import writer as store_writer
 from fot_memory_plugin.persistence.files import kv_filename
@@ -203,6 +203,15 @@ def test_an_append_killed_at_any_commit_step_leaves_whole_parts(fresh_store, ste
         assert sorted(path.name for path in (fresh_store / "docs").iterdir()) == ids
         assert memory.store.verify() == {}
     assert again.part == len(parts) + 1 and again.memory_tokens == sum(part.num_tokens for part in parts)
+
+
+def test_a_document_holding_a_parts_name_is_reported(fresh_store):
+    with DocumentMemory.open(fresh_store) as memory:
+        memory.read_text("Not a conversation at all.", name="chat trip part 1")
+        with pytest.raises(ConversationNameTakenError, match="not part 1 of conversation 'trip'"):
+            append_turns(memory, "trip", [("user", FACT)])
+        odd = append_turns(memory, "a/b\tc", [("user", "Names are made safe.")])
+    assert odd.record.name.startswith("chat a_b_c~") and odd.record.name.endswith(" part 1")
 
 
 def test_turns_go_to_their_own_conversations_and_can_be_refused(fresh_store, store_dir):
