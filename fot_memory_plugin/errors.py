@@ -34,6 +34,7 @@ __all__ = [
     "UnsupportedCheckpointError",
     "FunctionCallingUnsupportedError",
     "ConversationNameTakenError",
+    "MissingDependencyError",
     "DocumentInputError",
     "NoDocumentsError",
     "QuestionTooLongError",
@@ -86,3 +87,7 @@ class FunctionCallingUnsupportedError(FoTMemoryError, ValueError):
 
 class ConversationNameTakenError(FoTMemoryError, ValueError):
     """The name a conversation's next part needs belongs to another document."""
+
+
+class MissingDependencyError(FoTMemoryError, ImportError):
+    """An optional package a given model or feature needs is not installed."""

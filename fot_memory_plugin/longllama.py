@@ -38,7 +38,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedConfig, PreTrainedTokenizerBase
 
 from .config import MEM_DTYPES, MemoryConfig
-from .errors import ModelNotFoundError, UnsupportedCheckpointError
+from .errors import MissingDependencyError, ModelNotFoundError, UnsupportedCheckpointError
 
 __all__ = ["LONGLLAMA_MODEL_TYPE", "is_longllama_checkpoint", "llama_config_from_longllama",
            "checkpoint_memory_config", "load_longllama"]
@@ -109,6 +109,7 @@ def load_longllama(path: Path, torch_dtype: torch.dtype) -> tuple[LlamaForCausal
     data = json.loads((path / "config.json").read_text(encoding="utf-8"))
     config = llama_config_from_longllama(data, where=str(path))
     checkpoint_memory_config(config)  # refuse bad memory keys before reading gigabytes of weights
+    _require_tokenizer_reader(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, config=config, local_files_only=True)
         model, info = LlamaForCausalLM.from_pretrained(path, config=config, local_files_only=True, dtype=torch_dtype,
@@ -129,3 +130,17 @@ def load_longllama(path: Path, torch_dtype: torch.dtype) -> tuple[LlamaForCausal
         logger.warning("%s has weights the Llama model does not use: %s", path, sorted(unexpected)[:4])
     logger.info("loaded LongLLaMA checkpoint %s as LlamaForCausalLM (memory layers %s)", path, config.mem_layers)
     return model, tokenizer
+
+
+def _require_tokenizer_reader(path: Path) -> None:
+    """LongLLaMA ships its (OpenLLaMA) tokenizer as a SentencePiece model only: transformers reads
+    that with the sentencepiece package, and otherwise fails with an unrelated parse error."""
+    if (path / "tokenizer.json").is_file() or not (path / "tokenizer.model").is_file():
+        return
+    try:
+        import sentencepiece  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError(
+            f"{path} has its tokenizer only as a SentencePiece model (tokenizer.model), which transformers reads "
+            "with the sentencepiece package: run `pip install sentencepiece`, then load it again."
+        ) from None

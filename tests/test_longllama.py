@@ -12,6 +12,7 @@ same weights under the equivalent MemoryConfig.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTo
 
 from fot_memory_plugin import MemoryConfig, MemoryEngine
 from fot_memory_plugin.documents import DocumentMemory
-from fot_memory_plugin.errors import UnsupportedCheckpointError
+from fot_memory_plugin.errors import MissingDependencyError, UnsupportedCheckpointError
 from fot_memory_plugin.models import load_model
 
 WORDS = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(45)]
@@ -169,3 +170,40 @@ def test_a_checkpoint_missing_weights_is_refused(tmp_path, weights):
 def test_without_memory_layers_it_is_a_zero_shot_model(tmp_path, weights):
     loaded = load_model(write_checkpoint(tmp_path / "long_llama_tiny", weights[1], mem_layers=[]))
     assert loaded.memory_config is None
+
+
+def _sentencepiece_checkpoint(tmp_path: Path, weights) -> tuple[Path, int]:
+    """A checkpoint whose tokenizer is a SentencePiece model only (tokenizer.model), as LongLLaMA's."""
+    spm = pytest.importorskip("sentencepiece")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"the passkey is {i} and the grass is green" for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=40,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1)
+    path = write_checkpoint(tmp_path / "long_llama_sp", weights[1], vocab_size=len(WORDS))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (path / name).unlink(missing_ok=True)
+    (path / "tokenizer.model").write_bytes((tmp_path / "sp.model").read_bytes())
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "add_bos_token": True, "add_eos_token": False, "model_max_length": 2048}))
+    return path, 40
+
+
+def test_a_sentencepiece_tokenizer_loads_as_longllama_ships_it(tmp_path, weights):
+    path, vocab = _sentencepiece_checkpoint(tmp_path, weights)
+    loaded = load_model(path)
+    assert type(loaded.tokenizer).__name__ == "LlamaTokenizer"
+    ids = loaded.tokenizer("the passkey is 7", add_special_tokens=False).input_ids
+    assert ids and max(ids) < vocab
+    with MemoryEngine(loaded.model, loaded.tokenizer, loaded.memory_config_for(MemoryConfig())) as engine:
+        engine.read("the grass is green " * 20)
+        assert engine.answer("the passkey is", chat=False, max_new_tokens=2) is not None
+
+
+def test_a_sentencepiece_tokenizer_without_the_package_says_what_to_install(tmp_path, weights, monkeypatch):
+    path = write_checkpoint(tmp_path / "long_llama_sp", weights[1])
+    (path / "tokenizer.json").unlink()
+    (path / "tokenizer.model").write_bytes(b"a SentencePiece model")  # refused before it is read
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # as if it were not installed
+    with pytest.raises(MissingDependencyError, match="pip install sentencepiece"):
+        load_model(path)
