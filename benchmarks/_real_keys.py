@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from fot_memory_plugin import MemoryConfig, MemoryEngine
-from fot_memory_plugin.memory import Memory, Retrieved
-from fot_memory_plugin.models import LoadedModel, load_model, model_fingerprint
+from fot_memory_plugin.core.memory import Memory, Retrieved
+from fot_memory_plugin.models.loading import LoadedModel, load_model, model_fingerprint
 from fot_memory_plugin.persistence import DocumentRecord, IndexParams, MemoryStore
 
 REPO = Path(__file__).resolve().parents[1]

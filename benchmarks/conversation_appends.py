@@ -15,8 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from fot_memory_plugin.conversations import append_turns, conversation_parts
-from fot_memory_plugin.documents import DocumentMemory
+from fot_memory_plugin.documents.conversations import append_turns, conversation_parts
+from fot_memory_plugin.documents.document_memory import DocumentMemory
 
 TURNS = [
     ("user", "Today I repainted the {n}th fence panel green and fixed hinge number {n}."),

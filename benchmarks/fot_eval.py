@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from fot_memory_plugin import MemoryConfig, MemoryEngine
-from fot_memory_plugin.delta import read_delta
-from fot_memory_plugin.models import load_model
-from fot_memory_plugin.passkey import accuracy_table, run_passkey
-from fot_memory_plugin.perplexity import memory_perplexity
+from fot_memory_plugin.models.delta import read_delta
+from fot_memory_plugin.models.loading import load_model
+from fot_memory_plugin.apps.passkey import accuracy_table, run_passkey
+from fot_memory_plugin.apps.perplexity import memory_perplexity
 
 # Measured store size per token and memory layer for SmolLM2 (3 KV heads x 64 dims): 59.8 KB for
 # 30 layers (benchmarks/README.md, Northanger Abbey store) -> ~2.0 KB per layer.

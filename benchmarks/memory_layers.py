@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from fot_memory_plugin.adapters import adapter_for
-from fot_memory_plugin.cli import parse_layers
-from fot_memory_plugin.models import load_model
+from fot_memory_plugin.apps.cli import parse_layers
+from fot_memory_plugin.models.loading import load_model
 from fot_memory_plugin.training.crossbatch import CrossBatchAttention, pair_rows
 
 BOOK = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "books" / "persuasion.txt"

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from fot_memory_plugin.documents import DocumentMemory
-from fot_memory_plugin.passages import ANSWER_MODES, RANKINGS
+from fot_memory_plugin.documents.document_memory import DocumentMemory
+from fot_memory_plugin.documents.passages import ANSWER_MODES, RANKINGS
 
 BOOKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "books"
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from fot_memory_plugin import MemoryConfig, MemoryEngine
-from fot_memory_plugin.cli import parse_layers
-from fot_memory_plugin.models import load_model
-from fot_memory_plugin.passkey import accuracy_table, plot_heatmap, run_passkey
+from fot_memory_plugin.apps.cli import parse_layers
+from fot_memory_plugin.models.loading import load_model
+from fot_memory_plugin.apps.passkey import accuracy_table, plot_heatmap, run_passkey
 
 # (name, positional mode, memory layer spec, top_k)
 VARIANTS = {

@@ -38,8 +38,8 @@ from llama_index.core import Document, PromptTemplate, VectorStoreIndex
 from llama_index.core.node_parser import SentenceSplitter
 from llama_index.core.vector_stores import MetadataFilter, MetadataFilters
 
-from fot_memory_plugin.embeddings import MiniLMEmbedding
-from fot_memory_plugin.index import FoTMemoryIndex
+from fot_memory_plugin.integrations.llama_index.embeddings import MiniLMEmbedding
+from fot_memory_plugin.integrations.llama_index.index import FoTMemoryIndex
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOKS_DIR = ROOT.parent / "shared" / "data" / "books"

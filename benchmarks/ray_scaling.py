@@ -39,7 +39,7 @@ from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 import _real_keys as rk  # noqa: E402
 from fot_memory_plugin import MemoryConfig, MemoryEngine  # noqa: E402
-from fot_memory_plugin.documents import STORE_DEFAULTS, DocumentMemory  # noqa: E402
+from fot_memory_plugin.documents.document_memory import STORE_DEFAULTS, DocumentMemory  # noqa: E402
 from fot_memory_plugin.persistence import MemoryStore  # noqa: E402
 
 BOOKS = ["emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility"]

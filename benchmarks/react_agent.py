@@ -61,7 +61,7 @@ async def ask(index, question: str, header: str | None, max_new_tokens: int, blo
     from llama_index.core.agent.workflow import ReActAgent
     from llama_index.core.memory import InsertMethod, Memory
 
-    from fot_memory_plugin.agent_memory import FoTDocumentMemoryBlock, document_memory_tool
+    from fot_memory_plugin.integrations.llama_index.agent_memory import FoTDocumentMemoryBlock, document_memory_tool
 
     agent = ReActAgent(tools=[document_memory_tool(index, max_new_tokens=12, num_sources=1)],
                        llm=index.as_llm(memory_docs=[], max_new_tokens=max_new_tokens))
@@ -89,7 +89,7 @@ async def chat_with_block(index, question: str, max_new_tokens: int) -> str:
     from llama_index.core.llms import ChatMessage
     from llama_index.core.memory import InsertMethod, Memory
 
-    from fot_memory_plugin.agent_memory import FoTDocumentMemoryBlock
+    from fot_memory_plugin.integrations.llama_index.agent_memory import FoTDocumentMemoryBlock
 
     memory = Memory.from_defaults(token_limit=4000, insert_method=InsertMethod.USER, memory_blocks=[
         FoTDocumentMemoryBlock(index=index, num_sources=2, max_chars=300, accept_short_term_memory=False)])
@@ -99,7 +99,7 @@ async def chat_with_block(index, question: str, max_new_tokens: int) -> str:
 
 
 def _tool_line(index) -> str:
-    from fot_memory_plugin.agent_memory import document_memory_tool
+    from fot_memory_plugin.integrations.llama_index.agent_memory import document_memory_tool
 
     tool = document_memory_tool(index)
     return f"> document_memory: {tool.metadata.description}"
@@ -108,7 +108,7 @@ def _tool_line(index) -> str:
 async def main_async(args: argparse.Namespace) -> dict:
     from llama_index.core import SimpleDirectoryReader
 
-    from fot_memory_plugin.index import FoTMemoryIndex
+    from fot_memory_plugin.integrations.llama_index.index import FoTMemoryIndex
 
     results: dict = {"model": "smollm2 (SmolLM2-135M-Instruct, zero-shot)", "prompts": {}}
     with tempfile.TemporaryDirectory() as scratch:

@@ -35,7 +35,7 @@ import torch
 
 import _real_keys as rk
 from fot_memory_plugin import MemoryEngine
-from fot_memory_plugin.documents import STORE_DEFAULTS
+from fot_memory_plugin.documents.document_memory import STORE_DEFAULTS
 from fot_memory_plugin.persistence import MemoryStore
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from fot_memory_plugin import MemoryConfig, MemoryEngine
-from fot_memory_plugin.models import load_model
+from fot_memory_plugin.models.loading import load_model
 
 BOOK = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "books" / "emma.txt"
 

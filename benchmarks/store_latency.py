@@ -38,7 +38,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import _real_keys as rk
 from fot_memory_plugin import ExactMemory, MemoryConfig, MemoryEngine, load_model
-from fot_memory_plugin.memory import Memory
+from fot_memory_plugin.core.memory import Memory
 from fot_memory_plugin.persistence import MemoryStore, default_ef
 
 TILE_WINDOW = 4096  # tokens per writer.append: fewer, larger appends while building

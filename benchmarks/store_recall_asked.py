@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import _real_keys as rk
-from fot_memory_plugin.documents import DocumentMemory
+from fot_memory_plugin.documents.document_memory import DocumentMemory
 
 
 def main() -> None:

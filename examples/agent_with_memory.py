@@ -36,7 +36,7 @@ async def session(question: str, store: Path, document: Path, max_new_tokens: in
     from llama_index.core.agent.workflow import ReActAgent
     from llama_index.core.memory import InsertMethod, Memory
 
-    from fot_memory_plugin.index import FoTMemoryIndex
+    from llama_index.llms.fot_memory import FoTMemoryIndex
     from llama_index.memory.fot_memory import FoTDocumentMemoryBlock, document_memory_tool
 
     first = not (store / "memory.sqlite").exists()

@@ -22,7 +22,7 @@ from pathlib import Path
 from llama_index.core import SimpleDirectoryReader
 from llama_index.core.llms import ChatMessage
 
-from fot_memory_plugin.index import FoTMemoryIndex
+from llama_index.llms.fot_memory import FoTMemoryIndex
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data"

@@ -28,7 +28,7 @@ QUESTION = "Netherfield Park is let at last, to a young man named Mr."
 def read(files: list[Path], store: Path) -> None:
     from llama_index.core import SimpleDirectoryReader
 
-    from fot_memory_plugin.index import FoTMemoryIndex
+    from llama_index.llms.fot_memory import FoTMemoryIndex
 
     documents = SimpleDirectoryReader(input_files=files, filename_as_id=True).load_data()
     started = time.perf_counter()
@@ -40,7 +40,7 @@ def read(files: list[Path], store: Path) -> None:
 
 
 def ask(questions: list[str], store: Path, max_new_tokens: int) -> None:
-    from fot_memory_plugin.index import FoTMemoryIndex
+    from llama_index.llms.fot_memory import FoTMemoryIndex
 
     with FoTMemoryIndex.from_persist_dir(store, readonly=True) as index:
         engine = index.as_query_engine(max_new_tokens=max_new_tokens, num_sources=2)

@@ -23,8 +23,8 @@ from pathlib import Path
 from llama_index.core import PromptTemplate, SimpleDirectoryReader, VectorStoreIndex
 from llama_index.core.node_parser import SentenceSplitter
 
-from fot_memory_plugin.embeddings import MiniLMEmbedding
-from fot_memory_plugin.index import FoTMemoryIndex
+from fot_memory_plugin.integrations.llama_index import MiniLMEmbedding
+from llama_index.llms.fot_memory import FoTMemoryIndex
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENT = ROOT / "examples" / "data" / "pride_and_prejudice_ch1-4.txt"

@@ -29,6 +29,7 @@ __all__ = [
     "extras_filename",
     "fsync_file",
     "fsync_dir",
+    "fsync_tree",
     "crc32_file",
     "remove_tree",
     "validate_name",
@@ -140,6 +141,16 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file and directory under `root`, then `root` itself (before renaming it into place)."""
+    for path in sorted(root.rglob("*"), key=lambda found: len(found.parts), reverse=True):  # deepest first
+        if path.is_file():
+            fsync_file(path)
+        elif path.is_dir():
+            fsync_dir(path)
+    fsync_dir(root)
 
 
 def crc32_file(path: Path) -> str:

@@ -54,7 +54,7 @@ def token_ids() -> torch.Tensor:
 @pytest.fixture(scope="session")
 def smollm2():
     """The real default model (SmolLM2-135M-Instruct), loaded once per test session."""
-    from fot_memory_plugin.models import load_model
+    from fot_memory_plugin.models.loading import load_model
 
     return load_model()
 
@@ -62,7 +62,7 @@ def smollm2():
 @pytest.fixture(scope="session")
 def smollm2_fot():
     """The shipped FoT-tuned model: SmolLM2 with the smollm2-fot delta (memory in its 5 trained layers)."""
-    from fot_memory_plugin.models import load_model
+    from fot_memory_plugin.models.loading import load_model
 
     return load_model("smollm2-fot")
 

@@ -33,7 +33,7 @@ def read_library(library: Path, store: Path, model_dir: Path):
     """Read the library into a store with llama-index's reader; returns (index, documents)."""
     from llama_index.core import SimpleDirectoryReader
 
-    from fot_memory_plugin.index import FoTMemoryIndex
+    from fot_memory_plugin.integrations.llama_index.index import FoTMemoryIndex
 
     documents = SimpleDirectoryReader(input_dir=str(library), filename_as_id=True).load_data()
     return FoTMemoryIndex.from_documents(documents, store, model=str(model_dir), config=CONFIG), documents

@@ -17,7 +17,7 @@ from transformers import (
 
 from conftest import TINY_VOCAB, tiny_llama
 from fot_memory_plugin import MemoryConfig, MemoryEngine
-from fot_memory_plugin.errors import UnsupportedModelError
+from fot_memory_plugin.core.errors import UnsupportedModelError
 
 SMALL = MemoryConfig(local_window=8, top_k=4, mem_attention_grouping=3)
 
@@ -89,6 +89,24 @@ def test_a_window_never_retrieves_itself():
         engine.reset()
         engine.read(ids, retrieve=False)
         torch.testing.assert_close(engine.memories[1].keys, with_retrieval)
+
+
+def test_read_window_is_the_step_that_read_repeats(model):
+    """read() == read_window() window after window; read_window's logits are the model's with that
+    memory, before the window's own keys enter it (perplexity scores windows this way)."""
+    ids = _ids(24, 9)
+    with MemoryEngine(model, None, SMALL) as engine:
+        engine.read(ids)
+        read_keys = engine.memories[1].keys.clone()
+        engine.reset()
+        engine.read_window(ids[:, :8])
+        expected = _logits(model, ids[:, 8:16])
+        _, logits = engine.read_window(ids[:, 8:16], logits=True)
+        torch.testing.assert_close(logits, expected)
+        engine.read_window(ids[:, 16:])
+        torch.testing.assert_close(engine.memories[1].keys, read_keys)
+        with pytest.raises(ValueError, match="use read"):
+            engine.read_window(ids)
 
 
 def test_top_k_covering_memory_is_invariant_to_larger_k(model, token_ids):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fot_memory_plugin.attention import causal_mask, memory_attention, memory_attention_reference
+from fot_memory_plugin.core.attention import causal_mask, memory_attention, memory_attention_reference
 
 
 def _inputs(seed: int, batch=2, q_heads=6, kv_heads=2, length=5, cached=3, k=4, dim=8):

@@ -22,11 +22,11 @@ import torch
 from llama_index.core.llms import ChatMessage
 from llama_index.core.memory import InsertMethod, Memory
 
-from fot_memory_plugin.agent_memory import FoTDocumentMemoryBlock
-from fot_memory_plugin.conversations import append_turns, conversation_parts, conversations
-from fot_memory_plugin.documents import DocumentMemory
-from fot_memory_plugin.errors import ConversationNameTakenError, StoreReadOnlyError
-from fot_memory_plugin.index import FoTMemoryIndex
+from fot_memory_plugin.integrations.llama_index.agent_memory import FoTDocumentMemoryBlock
+from fot_memory_plugin.documents.conversations import append_turns, conversation_parts, conversations
+from fot_memory_plugin.documents.document_memory import DocumentMemory
+from fot_memory_plugin.core.errors import ConversationNameTakenError, StoreReadOnlyError
+from fot_memory_plugin.integrations.llama_index.index import FoTMemoryIndex
 from fot_memory_plugin.persistence import writer as store_writer
 from fot_memory_plugin.persistence.files import kv_filename
 from fot_memory_plugin.persistence.kvfile import open_kv, rows_float32
@@ -176,8 +176,8 @@ def conversation_parts_tokens(store: Path, result) -> int:
 
 KILLED_APPEND = r"""
 import os, signal, sys
-from fot_memory_plugin.conversations import append_turns
-from fot_memory_plugin.documents import DocumentMemory
+from fot_memory_plugin.documents.conversations import append_turns
+from fot_memory_plugin.documents.document_memory import DocumentMemory
 from fot_memory_plugin.persistence import writer
 
 store, step = sys.argv[1], sys.argv[2]
@@ -236,8 +236,8 @@ SESSION_TWO = r"""
 import asyncio, json, sys
 from llama_index.core.llms import ChatMessage
 from llama_index.core.memory import InsertMethod, Memory
-from fot_memory_plugin.agent_memory import FoTDocumentMemoryBlock
-from fot_memory_plugin.conversations import conversation_parts
+from fot_memory_plugin.integrations.llama_index.agent_memory import FoTDocumentMemoryBlock
+from fot_memory_plugin.documents.conversations import conversation_parts
 
 store, question, cue = sys.argv[1], sys.argv[2], sys.argv[3]
 block = FoTDocumentMemoryBlock(persist_dir=store, num_sources=2, max_chars=300)

@@ -14,8 +14,8 @@ import torch
 
 from conftest import BOOK, QUESTION
 from fot_memory_plugin import MemoryConfig, MemoryEngine
-from fot_memory_plugin.documents import DocumentMemory
-from fot_memory_plugin.errors import (
+from fot_memory_plugin.documents.document_memory import DocumentMemory
+from fot_memory_plugin.core.errors import (
     DocumentInputError,
     DocumentNotFoundError,
     IncompatibleStoreError,
@@ -43,14 +43,14 @@ def store_dir(tmp_path, tiny_model_dir, document) -> Path:
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "fot_memory_plugin.cli", *args], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-m", "fot_memory_plugin.apps.cli", *args], capture_output=True, text=True, env=env, timeout=300
     )
 
 
 def test_answers_from_disk_in_a_new_process_equal_the_in_ram_exact_memory(store_dir, tiny_model_dir, document):
     answer = json.loads(_cli("ask", QUESTION, "--store", str(store_dir), "--no-chat",
                              "--max-new-tokens", "8", "--json").stdout)
-    from fot_memory_plugin.models import load_model
+    from fot_memory_plugin.models.loading import load_model
 
     loaded = load_model(str(tiny_model_dir))
     with MemoryEngine(loaded.model, loaded.tokenizer, CONFIG) as engine:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fot_memory_plugin import MemoryConfig, MemoryEngine
-from fot_memory_plugin.passkey import _answer, is_correct, prompt_of_length
+from fot_memory_plugin.apps.passkey import _answer, is_correct, prompt_of_length
 
 pytestmark = pytest.mark.slow
 

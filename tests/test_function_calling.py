@@ -13,9 +13,9 @@ from llama_index.core.llms import ChatMessage
 from llama_index.core.llms.mock import MockFunctionCallingLLM
 from llama_index.core.memory import Memory
 
-from fot_memory_plugin.agent_memory import FoTDocumentMemoryBlock, document_memory_tool
-from fot_memory_plugin.errors import FunctionCallingUnsupportedError
-from fot_memory_plugin.index import FoTMemoryIndex
+from fot_memory_plugin.integrations.llama_index.agent_memory import FoTDocumentMemoryBlock, document_memory_tool
+from fot_memory_plugin.core.errors import FunctionCallingUnsupportedError
+from fot_memory_plugin.integrations.llama_index.index import FoTMemoryIndex
 from llama_index_helpers import *  # noqa: F403 (fixtures)
 from llama_index_helpers import QUESTION
 

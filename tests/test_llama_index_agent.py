@@ -16,8 +16,8 @@ from llama_index.core.memory import InsertMethod, Memory
 from llama_index.core.memory.memory import BaseMemoryBlock
 from llama_index.core.tools import QueryEngineTool
 
-from fot_memory_plugin.agent_memory import FoTDocumentMemoryBlock, document_memory_tool
-from fot_memory_plugin.index import FoTMemoryIndex
+from fot_memory_plugin.integrations.llama_index.agent_memory import FoTDocumentMemoryBlock, document_memory_tool
+from fot_memory_plugin.integrations.llama_index.index import FoTMemoryIndex
 from llama_index_helpers import *  # noqa: F403 (fixtures)
 from llama_index_helpers import QUESTION
 

@@ -15,7 +15,7 @@ from llama_index.core.query_engine import CustomQueryEngine
 from llama_index.core.retrievers import BaseRetriever
 from llama_index.core.schema import NodeRelationship, NodeWithScore, TextNode
 
-from fot_memory_plugin.index import METADATA_KEY, FoTMemoryIndex
+from fot_memory_plugin.integrations.llama_index.index import METADATA_KEY, FoTMemoryIndex
 from fot_memory_plugin.persistence import StoreNotFoundError
 from llama_index_helpers import *  # noqa: F403 (fixtures)
 from llama_index_helpers import QUESTION, read_library
@@ -97,7 +97,7 @@ def test_query_engine_answers_with_source_nodes_in_the_right_document(store_dir,
 def test_reopened_in_a_new_process_it_answers_the_same(store_dir):
     code = (
         "import json, sys\n"
-        "from fot_memory_plugin.index import FoTMemoryIndex\n"
+        "from fot_memory_plugin.integrations.llama_index.index import FoTMemoryIndex\n"
         "with FoTMemoryIndex.from_persist_dir(sys.argv[1], readonly=True) as index:\n"
         "    r = index.as_query_engine(max_new_tokens=6).query(sys.argv[2])\n"
         "    print(json.dumps({'answer': r.response, 'sources': [[n.node.text, n.node.metadata['file_name'], n.score]"

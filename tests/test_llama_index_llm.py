@@ -20,8 +20,8 @@ from llama_index.core.instrumentation.events.llm import (
 )
 from llama_index.core.llms import LLM, ChatMessage, CustomLLM
 
-from fot_memory_plugin.documents import DocumentMemory
-from fot_memory_plugin.llm import FoTMemoryLLM
+from fot_memory_plugin.documents.document_memory import DocumentMemory
+from fot_memory_plugin.integrations.llama_index.llm import FoTMemoryLLM
 from llama_index_helpers import *  # noqa: F403 (fixtures)
 from llama_index_helpers import CONFIG, QUESTION
 

@@ -24,9 +24,9 @@ from tokenizers.pre_tokenizers import Whitespace
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from fot_memory_plugin import MemoryConfig, MemoryEngine
-from fot_memory_plugin.documents import DocumentMemory
-from fot_memory_plugin.errors import MissingDependencyError, UnsupportedCheckpointError
-from fot_memory_plugin.models import load_model
+from fot_memory_plugin.documents.document_memory import DocumentMemory
+from fot_memory_plugin.core.errors import MissingDependencyError, UnsupportedCheckpointError
+from fot_memory_plugin.models.loading import load_model
 
 WORDS = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(45)]
 WINDOW = 16  # LongLLaMA's max_position_embeddings: the window long inputs are read in

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fot_memory_plugin.attention import causal_mask, memory_attention
-from fot_memory_plugin.memory import ExactMemory, Memory
+from fot_memory_plugin.core.attention import causal_mask, memory_attention
+from fot_memory_plugin.core.memory import ExactMemory, Memory
 
 
 def _filled(tokens=20, batch=1, kv_heads=2, dim=8, chunks=3, seed=0):

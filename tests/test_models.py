@@ -24,9 +24,9 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from fot_memory_plugin import models
-from fot_memory_plugin.errors import ModelNotFoundError
-from fot_memory_plugin.models import (
+from fot_memory_plugin.models import loading as models
+from fot_memory_plugin.core.errors import ModelNotFoundError
+from fot_memory_plugin.models.loading import (
     SMOLLM2_MODEL_ID,
     LoadedModel,
     default_cache_dir,
@@ -159,7 +159,7 @@ def test_fingerprint_ignores_load_details_not_architecture(tiny_dir: Path) -> No
 def test_fingerprint_is_stable_across_processes(tiny_dir: Path) -> None:
     code = (
         "import json, sys\n"
-        "from fot_memory_plugin.models import load_model, model_fingerprint\n"
+        "from fot_memory_plugin.models.loading import load_model, model_fingerprint\n"
         "loaded = load_model(sys.argv[1])\n"
         "print(json.dumps(model_fingerprint(loaded.model, 'tiny')))\n"
     )

@@ -9,8 +9,12 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
+import warnings
 import zipfile
 from pathlib import Path
+
+import pytest
 
 
 def test_generic_names_are_not_importable_top_level():
@@ -23,6 +27,37 @@ def test_generic_names_are_not_importable_top_level():
 def test_subpackages_import_under_the_package():
     assert importlib.util.find_spec("fot_memory_plugin.adapters") is not None
     assert importlib.util.find_spec("fot_memory_plugin.persistence") is not None
+
+
+def test_every_subpackage_is_listed_for_the_wheel():
+    """pyproject's explicit `packages` list must name every folder of the package, or the wheel
+    silently leaves it out (the editable install would still find it)."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "fot_memory_plugin").rglob("__init__.py")
+             if "_namespace" not in init.parts}
+    assert found - listed == set()
+
+
+@pytest.mark.parametrize(("old", "new"), [("engine", "core.engine"), ("index", "integrations.llama_index.index"),
+                                          ("cli", "apps.cli"), ("passages", "documents.passages")])
+def test_flat_module_paths_of_0_1_still_import(old, new):
+    """`fot_memory_plugin.engine` and the other flat paths are the moved modules themselves, with a warning."""
+    new_module = importlib.import_module(f"fot_memory_plugin.{new}")
+    sys.modules.pop(f"fot_memory_plugin.{old}", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old_module = importlib.import_module(f"fot_memory_plugin.{old}")
+    assert old_module is new_module and old_module.__spec__.name == f"fot_memory_plugin.{new}"
+    assert any(f"fot_memory_plugin.{new}" in str(warning.message) for warning in caught)
+
+
+def test_package_level_names_import_lazily():
+    code = ("import sys, fot_memory_plugin as f; assert 'torch' not in sys.modules, 'eager'; "
+            "from fot_memory_plugin import MemoryEngine, load_model, FoTMemoryIndex, DocumentMemory; "
+            "from fot_memory_plugin.core import MemoryConfig; from fot_memory_plugin.models import read_delta; "
+            "from fot_memory_plugin.integrations.llama_index import FoTMemoryLLM, MiniLMEmbedding; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
 # --- llama-index's conventional import paths (PEP 420 namespace portions) ------------------------
@@ -97,6 +132,10 @@ def test_wheel_installs_namespace_portions_without_init_files(tmp_path):
         assert shared not in names, f"the wheel would shadow every other llama_index package with {shared}"
     assert not any(name.startswith("fot_memory_plugin/_namespace") for name in names)
     assert not any(name.split("/")[0] in ("adapters", "persistence") for name in names)
+    assert "fot_memory_plugin/models/deltas/smollm2-fot/delta.safetensors" in names  # load_model("smollm2-fot")
+    assert "fot_memory_plugin/models/deltas/smollm2-fot/fot_config.json" in names
+    for package in ("core", "models", "documents", "integrations/llama_index", "apps", "training", "distributed"):
+        assert f"fot_memory_plugin/{package}/__init__.py" in names
     target = tmp_path / "installed"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--disable-pip-version-check",
                     "--target", str(target), str(wheel)], check=True, timeout=300)

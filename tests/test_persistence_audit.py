@@ -16,8 +16,8 @@ from persistence_helpers.checks import assert_consistent, assert_unchanged, snap
 
 from conftest import BOOK, QUESTION
 from fot_memory_plugin import MemoryConfig
-from fot_memory_plugin.cli import main
-from fot_memory_plugin.documents import DocumentMemory
+from fot_memory_plugin.apps.cli import main
+from fot_memory_plugin.documents.document_memory import DocumentMemory
 from fot_memory_plugin.persistence import (
     CorruptDocumentError,
     InvalidDocumentNameError,
@@ -357,8 +357,8 @@ def test_damaged_documents_named_by_a_question_raise(store_path):
 
 
 def test_5_llama_index_responses_say_which_damaged_documents_were_left_out(text_store, tmp_path):
-    from fot_memory_plugin.index import FoTMemoryIndex
-    from fot_memory_plugin.llm import FoTMemoryLLM
+    from fot_memory_plugin.integrations.llama_index.index import FoTMemoryIndex
+    from fot_memory_plugin.integrations.llama_index.llm import FoTMemoryLLM
 
     store = Path(shutil.copytree(text_store, tmp_path / "store"))
     damaged = _damage(store, "one.txt", "layer0.kv")

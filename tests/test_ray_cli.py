@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from conftest import BOOK, QUESTION
-from fot_memory_plugin.cli import main
+from fot_memory_plugin.apps.cli import main
 
 
 def _run(capsys, *args: str) -> dict:
@@ -39,7 +39,7 @@ def test_ray_options_without_ray_say_what_to_install(tmp_path):
     document = tmp_path / "a.txt"
     document.write_text("Some text to read.", encoding="utf-8")
     code = ("import sys; sys.modules['ray'] = None\n"  # as if Ray were not installed
-            "import fot_memory_plugin.cli as cli\n"
+            "import fot_memory_plugin.apps.cli as cli\n"
             "assert 'ray' not in {m for m in sys.modules if sys.modules[m] is not None}\n"
             f"sys.exit(cli.main(['read', {str(document)!r}, '--store', {str(tmp_path / 's')!r}, '--ray']))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

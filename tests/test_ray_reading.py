@@ -10,7 +10,7 @@ import pytest
 
 from conftest import BOOK, QUESTION
 from fot_memory_plugin import MemoryConfig
-from fot_memory_plugin.documents import DocumentMemory
+from fot_memory_plugin.documents.document_memory import DocumentMemory
 from fot_memory_plugin.persistence import DocumentImportError, MemoryStore
 from fot_memory_plugin.persistence.files import kv_filename
 

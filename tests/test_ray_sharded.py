@@ -12,7 +12,7 @@ import torch
 
 from conftest import BOOK, QUESTION
 from fot_memory_plugin import MemoryConfig
-from fot_memory_plugin.documents import DocumentMemory
+from fot_memory_plugin.documents.document_memory import DocumentMemory
 from fot_memory_plugin.persistence import MemoryStore, StoreReadOnlyError
 
 pytest.importorskip("ray")
@@ -100,8 +100,8 @@ def test_answers_and_sources_from_two_shard_actors_equal_the_single_store(single
 
 
 def test_llm_and_query_engine_accept_a_sharded_memory(single_store, catalog, ray_cluster):
-    from fot_memory_plugin.index import FoTMemoryIndex
-    from fot_memory_plugin.llm import FoTMemoryLLM
+    from fot_memory_plugin.integrations.llama_index.index import FoTMemoryIndex
+    from fot_memory_plugin.integrations.llama_index.llm import FoTMemoryLLM
 
     with DocumentMemory.open(single_store, readonly=True) as local, open_sharded(catalog) as remote:
         answers = []

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from conftest import TINY_VOCAB, tiny_llama
 from fot_memory_plugin import MemoryConfig, MemoryEngine
 from fot_memory_plugin.adapters import adapter_for
-from fot_memory_plugin.delta import DeltaMismatchError, apply_delta, read_delta
-from fot_memory_plugin.models import model_fingerprint
+from fot_memory_plugin.models.delta import DeltaMismatchError, apply_delta, read_delta
+from fot_memory_plugin.models.loading import model_fingerprint
 from fot_memory_plugin.training import (
     CrossBatchAttention,
     CrossBatchTrainer,
@@ -216,7 +216,7 @@ def test_corpus_from_files_caches_and_holds_out(tmp_path):
 
 
 def test_memory_perplexity_scores_the_same_predictions_with_and_without_memory():
-    from fot_memory_plugin.perplexity import memory_perplexity
+    from fot_memory_plugin.apps.perplexity import memory_perplexity
 
     model = tiny_llama()
     ids = torch.randint(0, TINY_VOCAB, (1, 5 * WINDOW), generator=torch.Generator().manual_seed(4))
@@ -237,7 +237,7 @@ def test_memory_perplexity_scores_the_same_predictions_with_and_without_memory()
 
 
 def test_memory_perplexity_can_fill_memory_as_a_reading_without_retrieval_does():
-    from fot_memory_plugin.perplexity import memory_perplexity
+    from fot_memory_plugin.apps.perplexity import memory_perplexity
 
     ids = torch.randint(0, TINY_VOCAB, (1, 5 * WINDOW), generator=torch.Generator().manual_seed(5))
     with MemoryEngine(tiny_llama(), None, MemoryConfig(local_window=WINDOW, top_k=4)) as engine:
@@ -259,8 +259,8 @@ def test_memory_perplexity_can_fill_memory_as_a_reading_without_retrieval_does()
 
 @pytest.mark.slow
 def test_train_command_writes_a_delta_that_load_model_applies(smollm2, tmp_path):
-    from fot_memory_plugin.cli import main
-    from fot_memory_plugin.models import load_model
+    from fot_memory_plugin.apps.cli import main
+    from fot_memory_plugin.models.loading import load_model
 
     for number in range(4):  # real prose: four speeches, each one training document
         source = sorted((SHARED_DATA / "sotu").glob("*.txt"))[number]
@@ -282,8 +282,8 @@ def test_train_command_writes_a_delta_that_load_model_applies(smollm2, tmp_path)
 
 @pytest.mark.slow
 def test_shipped_fot_delta_is_small_and_names_its_memory_layers(smollm2):
-    from fot_memory_plugin.delta import read_delta
-    from fot_memory_plugin.models import BUNDLED_DELTAS, FOT_MODEL, load_model
+    from fot_memory_plugin.models.delta import read_delta
+    from fot_memory_plugin.models.loading import BUNDLED_DELTAS, FOT_MODEL, load_model
 
     path = BUNDLED_DELTAS[FOT_MODEL][1]
     assert sum(file.stat().st_size for file in path.iterdir()) <= 20_000_000
@@ -298,8 +298,8 @@ def test_shipped_fot_delta_is_small_and_names_its_memory_layers(smollm2):
 
 @pytest.mark.slow
 def test_a_store_read_by_the_fot_model_keeps_only_its_memory_layers(smollm2, tmp_path):
-    from fot_memory_plugin.documents import DocumentMemory
-    from fot_memory_plugin.models import FOT_MODEL
+    from fot_memory_plugin.documents.document_memory import DocumentMemory
+    from fot_memory_plugin.models.loading import FOT_MODEL
     from fot_memory_plugin.training import DEFAULT_MEM_LAYERS
 
     text = (Path(__file__).resolve().parents[1] / "examples" / "data" / "pride_and_prejudice_ch1-4.txt").read_text()
@@ -315,7 +315,7 @@ def test_a_store_read_by_the_fot_model_keeps_only_its_memory_layers(smollm2, tmp
 
 @pytest.mark.slow
 def test_eval_perplexity_command(smollm2, capsys):
-    from fot_memory_plugin.cli import main
+    from fot_memory_plugin.apps.cli import main
 
     text = Path(__file__).resolve().parents[1] / "examples" / "data" / "pride_and_prejudice_ch1-4.txt"
     assert main(["eval", "perplexity", str(text), "--memory-sizes", "512", "--scored", "256", "--local-window", "128",

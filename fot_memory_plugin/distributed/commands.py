@@ -35,14 +35,14 @@ def _address(args: argparse.Namespace) -> str | None:
 
 def read_on_ray(args: argparse.Namespace) -> int:
     """`fot-memory read PATH... --ray [ADDRESS]`: one Ray task per document."""
-    from ..documents import STORE_DEFAULTS, default_store_dir
+    from ..documents.document_memory import STORE_DEFAULTS, default_store_dir
     from .reading import read_corpus
 
     if args.name:
         raise ValueError("--name is not supported with --ray: documents are named by their file names.")
     config = None
     if args.mem_layers or args.local_window:
-        from ..cli import parse_layers
+        from ..apps.cli import parse_layers
 
         layers = None if args.mem_layers in (None, "all") else parse_layers(args.mem_layers, num_layers=0)
         config = STORE_DEFAULTS.replace(mem_layers=layers, local_window=args.local_window or STORE_DEFAULTS.local_window)
@@ -65,7 +65,7 @@ def read_on_ray(args: argparse.Namespace) -> int:
 def open_on_ray(args: argparse.Namespace):
     """The memory `fot-memory ask QUESTION --ray [ADDRESS] --store STORE_OR_CATALOG` answers from:
     the store's (or catalog's) shards held by Ray actors. The CLI asks and prints as without Ray."""
-    from ..documents import default_store_dir
+    from ..documents.document_memory import default_store_dir
     from .serving import open_sharded
 
     return open_sharded(args.store or default_store_dir(), ray_address=_address(args), device=args.device)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import FoTMemoryError
+from ..core.errors import FoTMemoryError
 
 __all__ = ["RayNotInstalledError", "ShardCatalogError", "CorpusReadError"]
 

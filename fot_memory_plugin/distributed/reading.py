@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import MemoryConfig
-from ..documents import STORE_DEFAULTS, _as_config_fields, _recorded_fingerprint, load_text
+from ..core.config import MemoryConfig
+from ..documents.document_memory import STORE_DEFAULTS, _as_config_fields, _recorded_fingerprint, load_text
 from ..persistence import MemoryStore
 from ..persistence.files import remove_tree
 from ._ray import connect
@@ -243,7 +243,7 @@ def _read_task(text: str, name: str, source_path: str, staging: str, model: str,
     """In a Ray worker: read one document into a new staging store; returns where and what it stored."""
     import torch
 
-    from ..documents import DocumentMemory
+    from ..documents.document_memory import DocumentMemory
 
     torch.set_num_threads(threads)
     memory_config = None if config is None else MemoryConfig.from_dict(config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from ..documents import DocumentMemory
+from ..documents.document_memory import DocumentMemory
 from .errors import ShardCatalogError
 from .sharded import ShardedStore
 

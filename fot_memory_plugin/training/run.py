@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..models import load_model, model_fingerprint
+from ..models.loading import load_model, model_fingerprint
 from .data import TokenCorpus, text_files
 from .trainer import CrossBatchTrainer, TrainConfig
 

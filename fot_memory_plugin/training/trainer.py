@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..adapters import adapter_for, num_layers
-from ..config import MemoryConfig
-from ..delta import save_delta
+from ..core.config import MemoryConfig
+from ..models.delta import save_delta
 from .crossbatch import CrossBatchAttention, pair_rows
 from .data import TokenCorpus
 

@@ -5,7 +5,7 @@ package-dir); `llama_index/` and `llama_index/llms/` stay PEP 420 namespace pack
 `__init__.py`, so llama-index-core and every other `llama_index.*` package keep working.
 """
 
-from fot_memory_plugin.index import FoTMemoryIndex
-from fot_memory_plugin.llm import FoTMemoryLLM
+from fot_memory_plugin.integrations.llama_index.index import FoTMemoryIndex
+from fot_memory_plugin.integrations.llama_index.llm import FoTMemoryLLM
 
 __all__ = ["FoTMemoryLLM", "FoTMemoryIndex"]

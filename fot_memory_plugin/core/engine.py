@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.generation.streamers import BaseStreamer
 
-from .adapters import adapter_for, num_layers
+from ..adapters import adapter_for, num_layers
 from .config import MemoryConfig
 from .memory import ExactMemory, Memory
 from .router import MemoryRouter
@@ -124,21 +124,43 @@ class MemoryEngine:
         window = self.config.local_window
         total = ids.shape[1]
         bar = tqdm(total=total, unit="tok", desc="reading", disable=not progress, leave=False)
-        previous, self.router.retrieve = self.router.retrieve, retrieve
         try:
             for start in range(0, total, window):
                 end = min(start + window, total)
-                with self.router.capture() as captured:
-                    self.adapter.decoder(input_ids=ids[:, start:end], use_cache=False)
-                for layer in self.layers:
-                    self.memories[layer].append(*captured[layer])
+                captured, _ = self.read_window(ids[:, start:end], retrieve=retrieve)
                 if on_window is not None:
                     on_window(start, end, captured)
                 bar.update(end - start)
         finally:
-            self.router.retrieve = previous
             bar.close()
         return total
+
+    @torch.no_grad()
+    def read_window(
+        self, ids: torch.Tensor, *, retrieve: bool = True, logits: bool = False
+    ) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+        """One reading step: ids (B, T), T <= local_window, attend to themselves plus memory, then
+        their memory-layer keys and values are appended to memory.
+
+        Returns the captured {layer: (keys, values) (B, Hkv, T, D)} and, with logits=True, the
+        next-token logits (B, T, V) of the same forward pass (perplexity scores them), else None.
+        """
+        if ids.shape[1] > self.config.local_window:
+            raise ValueError(f"read_window takes at most local_window={self.config.local_window} tokens, got "
+                             f"{ids.shape[1]}: use read() for longer input.")
+        previous, self.router.retrieve = self.router.retrieve, retrieve
+        try:
+            with self.router.capture() as captured:
+                if logits:
+                    scores = self.model(input_ids=ids, use_cache=False).logits
+                else:
+                    self.adapter.decoder(input_ids=ids, use_cache=False)
+                    scores = None
+        finally:
+            self.router.retrieve = previous
+        for layer in self.layers:
+            self.memories[layer].append(*captured[layer])
+        return captured, scores
 
     # -- generation -----------------------------------------------------------------------------
 

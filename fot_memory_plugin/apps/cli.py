@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .config import ANSWER_MODES, DEFAULT_ANSWER_MODE, DEFAULT_RANKING, RANKINGS, MemoryConfig
-from .distributed.commands import add_ray_option, add_shard_command, open_on_ray, read_on_ray  # no Ray import
+from ..core.config import ANSWER_MODES, DEFAULT_ANSWER_MODE, DEFAULT_RANKING, RANKINGS, MemoryConfig
+from ..distributed.commands import add_ray_option, add_shard_command, open_on_ray, read_on_ray  # no Ray import
 
 __all__ = ["main", "build_parser", "parse_layers"]
 
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train_command(commands: argparse._SubParsersAction) -> None:
-    from .training.trainer import DEFAULT_MEM_LAYERS, TrainConfig
+    from ..training.trainer import DEFAULT_MEM_LAYERS, TrainConfig
 
     defaults = TrainConfig()
     train = commands.add_parser("train", help="FoT cross-batch training; writes a delta for load_model(..., delta=)")
@@ -127,8 +127,8 @@ def _add_train_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .training.run import run_training
-    from .training.trainer import TrainConfig
+    from ..training.run import run_training
+    from ..training.trainer import TrainConfig
 
     if not args.data and not args.corpus_tokens:
         raise ValueError("Give training text (PATH ...) or --corpus-tokens FILE.npz.")
@@ -237,11 +237,11 @@ def _add_store_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _open_documents(args: argparse.Namespace, readonly: bool = False, with_model: bool = True):
-    from .documents import DocumentMemory
+    from ..documents.document_memory import DocumentMemory
 
     config = None
     if getattr(args, "mem_layers", None) or getattr(args, "local_window", None):
-        from .documents import STORE_DEFAULTS
+        from ..documents.document_memory import STORE_DEFAULTS
 
         layers = None if args.mem_layers in (None, "all") else parse_layers(args.mem_layers, num_layers=0)
         config = STORE_DEFAULTS.replace(
@@ -263,8 +263,8 @@ def _record_dict(record) -> dict:
 def _read(args: argparse.Namespace) -> int:
     if getattr(args, "ray", None) is not None:
         return read_on_ray(args)
-    from .documents import load_text
-    from .persistence.files import validate_name
+    from ..documents.document_memory import load_text
+    from ..persistence.files import validate_name
 
     if args.name is not None and len(args.paths) > 1:
         raise ValueError("--name names one document: give one PATH with it, or leave --name out.")
@@ -310,8 +310,8 @@ def _ask(args: argparse.Namespace) -> int:
 
 def _plain_store(args: argparse.Namespace, readonly: bool = True):
     """The store without a model; never created here (only `read` makes a store)."""
-    from .documents import default_store_dir
-    from .persistence import MemoryStore
+    from ..documents.document_memory import default_store_dir
+    from ..persistence import MemoryStore
 
     return MemoryStore.open(args.store or default_store_dir(), create=False, readonly=readonly)
 
@@ -346,8 +346,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _repair(args: argparse.Namespace) -> int:
-    from .documents import default_store_dir
-    from .persistence import repair_store
+    from ..documents.document_memory import default_store_dir
+    from ..persistence import repair_store
 
     report = repair_store(args.store or default_store_dir())
     if args.json:
@@ -373,8 +373,8 @@ def _forget(args: argparse.Namespace) -> int:
 
 
 def _reindex(args: argparse.Namespace) -> int:
-    from .documents import default_store_dir
-    from .persistence import MemoryStore
+    from ..documents.document_memory import default_store_dir
+    from ..persistence import MemoryStore
 
     path = args.store or default_store_dir()
     with MemoryStore.open(path, create=False, readonly=True) as store:
@@ -413,8 +413,8 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _engine(args: argparse.Namespace):
-    from .engine import MemoryEngine
-    from .models import load_model
+    from ..core.engine import MemoryEngine
+    from ..models.loading import load_model
 
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.mem_layers is None:
@@ -474,7 +474,7 @@ def _eval_perplexity(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from .errors import FoTMemoryError, StoreError
+    from ..core.errors import FoTMemoryError, StoreError
 
     try:
         return args.handler(args)

@@ -19,7 +19,7 @@ from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from transformers import AutoModel, AutoTokenizer
 
-from .errors import ModelNotFoundError
+from ...core.errors import ModelNotFoundError
 
 __all__ = ["MiniLMEmbedding", "minilm_model_dir", "MINILM_PACKAGE"]
 

@@ -31,8 +31,8 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.memory.memory import BaseMemoryBlock
 from llama_index.core.tools import QueryEngineTool
 
-from .config import DEFAULT_RANKING, Ranking
-from .conversations import AppendResult, append_turns, conversations, turn_at
+from ...core.config import DEFAULT_RANKING, Ranking
+from ...documents.conversations import AppendResult, append_turns, conversations, turn_at
 from .index import FoTMemoryIndex
 
 __all__ = ["FoTDocumentMemoryBlock", "document_memory_tool"]

@@ -37,9 +37,9 @@ from llama_index.core.schema import (
     TextNode,
 )
 
-from .config import DEFAULT_ANSWER_MODE, DEFAULT_RANKING, AnswerMode, MemoryConfig, Ranking
-from .documents import DocumentMemory, Source
-from .persistence import DocumentRecord, StoreNotFoundError
+from ...core.config import DEFAULT_ANSWER_MODE, DEFAULT_RANKING, AnswerMode, MemoryConfig, Ranking
+from ...documents.document_memory import DocumentMemory, Source
+from ...persistence import DocumentRecord, StoreNotFoundError
 
 __all__ = ["FoTMemoryIndex", "FoTMemoryRetriever", "FoTMemoryQueryEngine", "METADATA_KEY"]
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .engine import MemoryEngine
+from ..core.engine import MemoryEngine
 
 __all__ = ["PerplexityResult", "memory_perplexity"]
 
@@ -67,19 +67,21 @@ def memory_perplexity(
         engine.read(ids[:, total - scored_tokens - memory_tokens : total - scored_tokens], retrieve=read_retrieval)
     for start in range(0, scored_tokens, window):
         piece = scored[:, start : start + window]
-        if not read_retrieval:
+        if read_retrieval:  # one pass: the window is scored with memory, then enters memory
+            _, logits = engine.read_window(piece, logits=True)
+            nll, count = _add_loss(logits, piece, nll, count)
+        else:  # scored with memory; its keys enter memory as a reading without retrieval makes them
             nll, count = _add_window(engine.model, piece, nll, count)
-            engine.read(piece, retrieve=False)  # the window's keys as a reading without retrieval makes them
-            continue
-        with engine.router.capture() as captured:
-            nll, count = _add_window(engine.model, piece, nll, count)
-        for layer in engine.layers:
-            engine.memories[layer].append(*captured[layer])
+            engine.read_window(piece, retrieve=False)
     engine.reset()
     return PerplexityResult(memory_tokens, count, nll / count, truncated=False)
 
 
 def _add_window(model: torch.nn.Module, piece: torch.Tensor, nll: float, count: int) -> tuple[float, int]:
-    logits = model(input_ids=piece, use_cache=False).logits[0, :-1].float()  # (T - 1, V)
-    losses = F.cross_entropy(logits, piece[0, 1:], reduction="sum")
+    return _add_loss(model(input_ids=piece, use_cache=False).logits, piece, nll, count)
+
+
+def _add_loss(logits: torch.Tensor, piece: torch.Tensor, nll: float, count: int) -> tuple[float, int]:
+    """Add the next-token losses of logits (1, T, V) for piece (1, T) to the running sum."""
+    losses = F.cross_entropy(logits[0, :-1].float(), piece[0, 1:], reduction="sum")  # logits (T - 1, V)
     return nll + losses.item(), count + piece.shape[1] - 1

@@ -22,7 +22,8 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import MemoryConfig
+from ..core.config import MemoryConfig
+from ..persistence.files import fsync_dir, fsync_tree
 
 __all__ = ["Delta", "save_delta", "read_delta", "apply_delta", "DeltaMismatchError", "DELTA_FILE", "CONFIG_FILE"]
 
@@ -80,9 +81,11 @@ def save_delta(
     try:
         save_file(differences, str(temporary / DELTA_FILE))
         (temporary / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        fsync_tree(temporary)
         if path.exists():
             shutil.rmtree(path)
         os.replace(temporary, path)
+        fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise

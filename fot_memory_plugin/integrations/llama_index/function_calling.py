@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from .errors import FunctionCallingUnsupportedError
+from ...core.errors import FunctionCallingUnsupportedError
 
 __all__ = ["RefusesFunctionCalling", "refuse_function_agent", "function_calling_refusal"]
 

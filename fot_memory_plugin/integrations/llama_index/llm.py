@@ -29,8 +29,8 @@ from llama_index.core.llms.callbacks import llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.types import PydanticProgramMode
 
-from .config import DEFAULT_ANSWER_MODE, DEFAULT_RANKING, AnswerMode, Ranking
-from .documents import Answer, DocumentMemory
+from ...core.config import DEFAULT_ANSWER_MODE, DEFAULT_RANKING, AnswerMode, Ranking
+from ...documents.document_memory import Answer, DocumentMemory
 from .function_calling import RefusesFunctionCalling, refuse_function_agent
 
 __all__ = ["FoTMemoryLLM"]

@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedConfig, PreTrainedTokenizerBase
 
-from .config import MEM_DTYPES, MemoryConfig
-from .errors import MissingDependencyError, ModelNotFoundError, UnsupportedCheckpointError
+from ..core.config import MEM_DTYPES, MemoryConfig
+from ..core.errors import MissingDependencyError, ModelNotFoundError, UnsupportedCheckpointError
 
 __all__ = ["LONGLLAMA_MODEL_TYPE", "is_longllama_checkpoint", "llama_config_from_longllama",
            "checkpoint_memory_config", "load_longllama"]

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from .engine import MemoryEngine
+from ..core.engine import MemoryEngine
 
 __all__ = ["PasskeyResult", "passkey_prompt", "prompt_of_length", "is_correct", "run_passkey", "accuracy_table"]
 

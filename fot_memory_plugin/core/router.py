@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 
-from .adapters import LayerAttentionCall
+from ..adapters import LayerAttentionCall
 from .attention import memory_attention
 from .config import MemoryConfig
 from .memory import Memory

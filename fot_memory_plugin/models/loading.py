@@ -42,9 +42,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .config import MemoryConfig
+from ..core.config import MemoryConfig
 from .delta import apply_delta, read_delta
-from .errors import ModelNotFoundError
+from ..core.errors import ModelNotFoundError
+from ..persistence.files import fsync_dir, fsync_tree
 from .longllama import checkpoint_memory_config, is_longllama_checkpoint, load_longllama
 
 __all__ = [
@@ -295,7 +296,7 @@ def _write_cache(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / _MARKER_FILE).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         old = None
         if target.exists():  # an outdated or broken cache: move it aside, then drop it
             old = parent / f".{target.name}.old-{uuid.uuid4().hex}"
@@ -306,7 +307,7 @@ def _write_cache(
             if not _cache_matches(target, stamp):  # lost a race to a process that took no lock
                 raise
             logger.debug("another process filled the cache at %s first; keeping its copy", target)
-        _fsync_dir(parent)
+        fsync_dir(parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
@@ -344,27 +345,6 @@ def _read_marker(target: Path) -> dict[str, Any] | None:
 
 def _cache_matches(target: Path, stamp: dict[str, Any]) -> bool:
     return _read_marker(target) == stamp
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # directories cannot be opened on some platforms (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --- any other model --------------------------------------------------------------------------

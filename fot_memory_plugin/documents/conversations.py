@@ -29,9 +29,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import ConversationNameTakenError
-from .memory import ExactMemory, Retrieved
-from .persistence import DocumentRecord, DuplicateDocumentError, MemoryStore, PersistentMemory
+from ..core.errors import ConversationNameTakenError
+from ..core.memory import ExactMemory, Retrieved
+from ..persistence import DocumentRecord, DuplicateDocumentError, MemoryStore, PersistentMemory
 
 __all__ = ["AppendResult", "ConversationNameTakenError", "CONVERSATION_KEY", "append_turns", "conversation_parts", "conversations",
            "is_conversation", "turn_at", "ContinuedMemory"]

@@ -6,8 +6,8 @@ re-exported here.
 
 from __future__ import annotations
 
-from .adapters.base import AdapterStateError, UnsupportedModelError
-from .persistence.errors import (
+from ..adapters.base import AdapterStateError, UnsupportedModelError
+from ..persistence.errors import (
     CorruptDocumentError,
     DocumentNotFoundError,
     DuplicateDocumentError,

@@ -1,0 +1,8 @@
+"""What runs fot-memory end to end: the `fot-memory` command and the evaluations.
+
+- `cli.py`: the command line (`fot-memory read / ask / docs / eval ...`);
+- `passkey.py`: the passkey retrieval benchmark and its heatmap;
+- `perplexity.py`: perplexity of a held-out text as memory grows.
+"""
+
+__all__: list[str] = []
