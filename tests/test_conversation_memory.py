@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -203,6 +204,48 @@ def test_an_append_killed_at_any_commit_step_leaves_whole_parts(fresh_store, ste
         assert sorted(path.name for path in (fresh_store / "docs").iterdir()) == ids
         assert memory.store.verify() == {}
     assert again.part == len(parts) + 1 and again.memory_tokens == sum(part.num_tokens for part in parts)
+
+
+APPENDER = r"""
+import json, pathlib, sys, time
+from fot_memory_plugin.documents.conversations import append_turns
+from fot_memory_plugin.documents.document_memory import DocumentMemory
+
+store, who, gate = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3])
+with DocumentMemory.open(store) as memory:
+    (gate / f"ready-{who}").touch()  # the model is loaded: start together
+    while not (gate / "go").exists():
+        time.sleep(0.01)
+    for n in range(4):
+        result = append_turns(memory, "shared", [("user", f"{who} says hello for the {n}th time.")])
+        print(json.dumps({"part": result.part, "memory_tokens": result.memory_tokens}), flush=True)
+        time.sleep(0.2)  # the other writer's turn
+"""
+
+
+def test_two_processes_appending_to_one_conversation_take_turns(fresh_store, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    workers = [subprocess.Popen([sys.executable, "-c", APPENDER, str(fresh_store), who, str(tmp_path)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+               for who in ("Ana", "Ben")]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready-{who}").exists() for who in ("Ana", "Ben")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
+    results, owners = [], {}
+    for who, worker in zip(("Ana", "Ben"), workers):
+        out, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err[-2000:]
+        results += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        owners.update({result["part"]: who for result in results[-4:]})
+    print("parts by writer:", [owners[part] for part in sorted(owners)])
+    with DocumentMemory.open(fresh_store, readonly=True) as memory:
+        parts = conversation_parts(memory.store, "shared")
+    assert [part.metadata["conversation"]["part"] for part in parts] == list(range(1, 9))
+    before = {part.metadata["conversation"]["part"]: sum(p.num_tokens for p in parts[:i]) for i, part in enumerate(parts)}
+    for result in results:  # every append attended to every part published before it, none lost
+        assert result["memory_tokens"] == before[result["part"]]
+    assert sorted(result["part"] for result in results) == list(range(1, 9))
 
 
 def test_a_document_holding_a_parts_name_is_reported(fresh_store):

@@ -15,15 +15,18 @@ continuous read of the whole conversation would compute if every append began a 
 A part's record metadata says what it is: `metadata["conversation"]` = {"chat_id", "part",
 "first_turn", "turns": [{"role", "start_char", "end_char", "start_token", "end_token"}]}.
 Its text is the transcript "role: content" per line, so a passage cited from it names its
-speaker. Two processes appending to one conversation serialize on the store's writer lock; an
-append that finds the conversation changed once it holds the lock starts again.
+speaker. Two processes appending to one conversation serialize on the store's writer lock: an
+append waits while another writer holds it, and one that finds the conversation changed once it
+holds the lock starts again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -31,7 +34,7 @@ import torch
 
 from ..core.errors import ConversationNameTakenError
 from ..core.memory import ExactMemory, Retrieved
-from ..persistence import DocumentRecord, DuplicateDocumentError, MemoryStore, PersistentMemory
+from ..persistence import DocumentRecord, DuplicateDocumentError, MemoryStore, PersistentMemory, StoreLockedError
 
 __all__ = ["AppendResult", "ConversationNameTakenError", "CONVERSATION_KEY", "append_turns", "conversation_parts", "conversations",
            "is_conversation", "turn_at", "ContinuedMemory"]
@@ -40,7 +43,6 @@ logger = logging.getLogger(__name__)
 
 CONVERSATION_KEY = "conversation"  # DocumentRecord.metadata[CONVERSATION_KEY] of every part
 TURN_CHUNK_TOKENS = 64  # a turn longer than this is cited in pieces of this many tokens
-_ATTEMPTS = 5  # appends started again when another process appended to the same conversation first
 
 
 @dataclass(frozen=True)
@@ -82,12 +84,15 @@ def turn_at(record: DocumentRecord, start_char: int) -> dict[str, Any] | None:
     return None
 
 
-def append_turns(memory: Any, chat_id: str, turns: Sequence[tuple[str, str]]) -> AppendResult | None:
+def append_turns(memory: Any, chat_id: str, turns: Sequence[tuple[str, str]], *,
+                 wait: float = 30.0) -> AppendResult | None:
     """Read (role, text) turns into the conversation `chat_id` of `memory` (a DocumentMemory) as
     its next part; returns what was stored, or None when no turn has text.
 
     The new turns attend to the conversation's earlier parts through memory; nothing earlier is
-    read again. Atomic: the part is published like any document, or not at all.
+    read again. Atomic: the part is published like any document, or not at all. While another
+    process writes to the store, the append waits and tries again, for up to `wait` seconds
+    (then StoreLockedError).
     """
     if not isinstance(chat_id, str) or not chat_id.strip():
         raise ValueError(f"chat_id must be a non-empty string naming the conversation, got {chat_id!r}.")
@@ -98,12 +103,18 @@ def append_turns(memory: Any, chat_id: str, turns: Sequence[tuple[str, str]]) ->
     encoding = memory.engine.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
     offsets = [tuple(span) for span in encoding["offset_mapping"]]
     token_spans = _token_spans(char_spans, offsets)
-    for _ in range(_ATTEMPTS):
-        result = _try_append(memory, chat_id, text, turns, char_spans, token_spans, encoding["input_ids"], offsets)
+    started = time.monotonic()
+    while True:
+        try:
+            result = _try_append(memory, chat_id, text, turns, char_spans, token_spans, encoding["input_ids"],
+                                 offsets)
+        except StoreLockedError:
+            result = None  # another writer holds the store: wait for it below
         if result is not None:
             return result
-    raise RuntimeError(f"Conversation {chat_id!r} changed {_ATTEMPTS} times while this append waited for the "
-                       "store: another process keeps appending to it; try again.")
+        if time.monotonic() - started > wait:
+            raise StoreLockedError(str(memory.store.path), time.monotonic() - started)
+        time.sleep(random.uniform(0.05, 0.2))
 
 
 def _try_append(memory: Any, chat_id: str, text: str, turns: list[tuple[str, str]],
