@@ -79,16 +79,18 @@ def test_query_engine_tool_answers_with_source_nodes(store_dir):
     assert [n.node.text for n in output.raw_output.source_nodes] == [s.text for s in expected.sources]
 
 
-def test_document_memories_survive_a_restart(store_dir):
+def test_document_memories_survive_a_restart(fresh_store):
     question = [ChatMessage(role="user", content=QUESTION)]
-    with FoTMemoryIndex.from_persist_dir(store_dir, readonly=True) as index:
+    with FoTMemoryIndex.from_persist_dir(fresh_store, readonly=True) as index:
         before = asyncio.run(FoTDocumentMemoryBlock(index=index).aget(question))
     # A new block over the same directory: a fresh store object, model and engine, as after a restart.
-    block = FoTDocumentMemoryBlock(persist_dir=store_dir, name="books")
+    block = FoTDocumentMemoryBlock(persist_dir=fresh_store, name="books")
     try:
         assert block.name == "books" and asyncio.run(block.aget(question)) == before
         assert asyncio.run(block.aget([])) == "Documents in memory: chapter1.txt, persuasion.txt."
-        asyncio.run(block.aput([ChatMessage(role="user", content="remember this")]))  # chat is not read into memory
-        assert len(block.index.memory.documents()) == 2
+        # Chat turns are read into a conversation (tests/test_conversation_memory.py has the details).
+        asyncio.run(block.aput([ChatMessage(role="user", content="remember this")]))
+        assert len(block.index.memory.documents()) == 3
+        assert asyncio.run(block.aget([])).endswith("Conversations in memory: default (1 turn).")
     finally:
         block.index.close()

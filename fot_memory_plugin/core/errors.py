@@ -31,6 +31,10 @@ __all__ = [
     "UnsupportedModelError",
     "AdapterStateError",
     "ModelNotFoundError",
+    "UnsupportedCheckpointError",
+    "FunctionCallingUnsupportedError",
+    "ConversationNameTakenError",
+    "MissingDependencyError",
     "DocumentInputError",
     "NoDocumentsError",
     "QuestionTooLongError",
@@ -71,3 +75,19 @@ class NoDocumentsError(FoTMemoryError, LookupError):
 
 class QuestionTooLongError(FoTMemoryError, ValueError):
     """A question longer than the local context: read long material as a document instead."""
+
+
+class UnsupportedCheckpointError(FoTMemoryError, ValueError):
+    """A checkpoint in a known format (LongLLaMA) that uses a feature fot-memory cannot compute."""
+
+
+class FunctionCallingUnsupportedError(FoTMemoryError, ValueError):
+    """A use that needs an LLM which calls functions (FunctionAgent, chat_with_tools) given FoTMemoryLLM."""
+
+
+class ConversationNameTakenError(FoTMemoryError, ValueError):
+    """The name a conversation's next part needs belongs to another document."""
+
+
+class MissingDependencyError(FoTMemoryError, ImportError):
+    """An optional package a given model or feature needs is not installed."""

@@ -4,6 +4,8 @@
 - `passages.py`: sentence-aligned passages, memory attention per passage, ranking by lift or
   weight, re-read answering's prompt;
 - `voting_heads.py`: the calibrated memory heads whose attention ranks passages (`heads/*.json`).
+- `conversations.py`: chat turns appended to a store as conversation parts, each append reading
+  only the new turns.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 - `loading.py`: `load_model` (GGUF -> safetensors cache, local paths, hub snapshots already on disk);
 - `delta.py`: what a cross-batch training run changed, saved and applied;
+- `longllama.py`: LongLLaMA checkpoints (`model_type` "longllama") loaded as Llama, with their memory config;
 - `deltas/`: the deltas shipped in the package (`load_model("smollm2-fot")`).
 """
 

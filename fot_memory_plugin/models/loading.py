@@ -46,6 +46,7 @@ from ..core.config import MemoryConfig
 from .delta import apply_delta, read_delta
 from ..core.errors import ModelNotFoundError
 from ..persistence.files import fsync_dir, fsync_tree
+from .longllama import checkpoint_memory_config, is_longllama_checkpoint, load_longllama
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -113,8 +114,8 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase  # has a pad token (eos when the model names none)
     model_id: str  # "HuggingFaceTB/SmolLM2-135M-Instruct" for the alias, else the resolved path or hub id
     source_path: Path  # the file or directory the weights were read from this time
-    # The memory config a FoT-tuned delta was trained for (its mem_layers, window, mode); None
-    # for a model used zero-shot.
+    # The memory config a FoT-tuned delta or a LongLLaMA checkpoint was trained for (its
+    # mem_layers, window, mode); None for a model used zero-shot.
     memory_config: MemoryConfig | None = None
 
     def memory_config_for(self, base: MemoryConfig) -> MemoryConfig:
@@ -123,8 +124,11 @@ class LoadedModel:
         trained = self.memory_config
         if trained is None:
             return base
-        return base.replace(mem_layers=trained.mem_layers, local_window=trained.local_window,
-                            positional_mode=trained.positional_mode)
+        changes = {"mem_layers": trained.mem_layers, "local_window": trained.local_window,
+                   "positional_mode": trained.positional_mode}
+        if trained.last_context_length is not None:  # a LongLLaMA checkpoint's own (1024 for 3B)
+            changes["last_context_length"] = trained.last_context_length
+        return base.replace(**changes)
 
 
 def default_cache_dir() -> Path:
@@ -182,7 +186,8 @@ def load_model(
         model_id = SMOLLM2_MODEL_ID
     else:
         model, tokenizer, source, model_id = _load_other(name, torch_dtype)
-    memory_config = None
+    # A LongLLaMA / FoT checkpoint names its memory layers in its config (longllama.py).
+    memory_config = checkpoint_memory_config(model.config)
     if delta is not None:
         model_id, memory_config = _apply_delta(model, model_id, Path(delta))
     _prepare(model, tokenizer, torch_dtype, device)
@@ -392,6 +397,8 @@ def _load_hf_dir(path: Path, torch_dtype: torch.dtype) -> tuple[PreTrainedModel,
             f"{path} has no config.json: pass a directory written by save_pretrained, a .gguf file, "
             f"or {DEFAULT_MODEL!r}."
         )
+    if is_longllama_checkpoint(path):  # model_type "longllama": Llama weights, FoT config keys
+        return load_longllama(path, torch_dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch_dtype)

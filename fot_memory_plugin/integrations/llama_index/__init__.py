@@ -3,7 +3,8 @@
 - `llm.py`: `FoTMemoryLLM`, answering from document memory;
 - `index.py`: `FoTMemoryIndex`, its retriever and query engine;
 - `agent_memory.py`: `FoTDocumentMemoryBlock` for agents' `Memory`, and the query-engine tool;
-- `embeddings.py`: `MiniLMEmbedding`, the local embedding model of the RAG baseline.
+- `embeddings.py`: `MiniLMEmbedding`, the local embedding model of the RAG baseline;
+- `function_calling.py`: why `FoTMemoryLLM` refuses FunctionAgent and tool-calling methods.
 
 The conventional paths `llama_index.llms.fot_memory` and `llama_index.memory.fot_memory` import
 from here.

@@ -31,6 +31,7 @@ from llama_index.core.types import PydanticProgramMode
 
 from ...core.config import DEFAULT_ANSWER_MODE, DEFAULT_RANKING, AnswerMode, Ranking
 from ...documents.document_memory import Answer, DocumentMemory
+from .function_calling import RefusesFunctionCalling, refuse_function_agent
 
 __all__ = ["FoTMemoryLLM"]
 
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 _CALL_OPTIONS = ("memory_docs", "max_new_tokens", "num_sources", "answer_mode", "ranking")
 
 
-class FoTMemoryLLM(CustomLLM):
+class FoTMemoryLLM(RefusesFunctionCalling, CustomLLM):
     """A Hugging Face causal LM with FoT memory over documents read into a store.
 
     Example:
@@ -157,6 +158,7 @@ class FoTMemoryLLM(CustomLLM):
     def metadata(self) -> LLMMetadata:
         """context_window: prompt tokens kept in the local context when answering from memory
         (the memory config's `context_length`), the model's positions when no documents are chosen."""
+        refuse_function_agent(self)  # FunctionAgent asks here first: answer with our sentence (function_calling.py)
         plain = self._documents(self.memory_docs) is None
         engine = self._memory.engine
         positions = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
