@@ -123,7 +123,7 @@ def test_every_answer_mode_is_reachable_from_cli_llm_query_engine_and_block(shor
         from fot_memory_plugin.integrations.llama_index.agent_memory import FoTDocumentMemoryBlock
 
         block = FoTDocumentMemoryBlock(index=index, ranking="attention")
-        assert block._passages(QUESTION)
+        assert block._passages(QUESTION, None)
         with pytest.raises(ValueError, match="answer_mode must be one of"):
             index.memory.ask(QUESTION, answer_mode="guess")
 

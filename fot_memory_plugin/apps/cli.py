@@ -167,12 +167,15 @@ def _add_store_commands(commands: argparse._SubParsersAction) -> None:
     read.add_argument("--name", help="document name (one PATH only; default: the file name)")
     read.add_argument("--force", action="store_true", help="read again even if already stored; replace same name")
     read.add_argument("--json", action="store_true", help="print the stored documents as JSON")
-    read.add_argument("--model", help="model for a NEW store: 'smollm2' (default), 'smollm2-fot' or a local model path")
-    read.add_argument("--mem-layers", help="memory layers for a new store: all (default) | 0,5,10 | 0-14")
+    read.add_argument("--model", help="model for a NEW store: 'smollm2-fot' (default: the FoT-tuned delta), 'smollm2' "
+                                      "(zero-shot, every layer a memory layer) or a local model path")
+    read.add_argument("--mem-layers", help="memory layers for a new store: all | 0,5,10 | 0-14 (default: a FoT-tuned "
+                                                "model's trained layers, else all)")
     read.add_argument("--local-window", type=int, help="reading window for a new store (default 512)")
-    read.add_argument("--no-retrieval", action="store_true",
-                      help="read each window without retrieval: the plain model's speed; fine for a FoT-tuned "
-                           "model (its training computes memory keys so), not for a zero-shot one")
+    read.add_argument("--retrieval", action=argparse.BooleanOptionalAction, default=None,
+                      help="retrieve from earlier windows while reading (default: not for a FoT-tuned model, whose "
+                           "training computes memory keys without it and which finds evidence better so; yes for a "
+                           "zero-shot one, which loses the passkey without it)")
     read.add_argument("--shared", action="store_true",
                       help="a NEW store's files get your umask's permissions instead of owner-only (0600/0700)")
     _device_option(read)
@@ -275,7 +278,7 @@ def _read(args: argparse.Namespace) -> int:
     with _open_documents(args) as memory:  # the store (and its writer lock) before the model
         for path in args.paths:
             record, fresh = memory.read_file(path, name=args.name, force=args.force, progress=not args.json,
-                                             retrieve=not args.no_retrieval)
+                                             retrieve=args.retrieval)
             stored.append(_record_dict(record) | {"read_now": fresh})
             if not args.json:
                 verb = "read" if fresh else "already stored (use --force to read again)"

@@ -47,7 +47,7 @@ def read_on_ray(args: argparse.Namespace) -> int:
         layers = None if args.mem_layers in (None, "all") else parse_layers(args.mem_layers, num_layers=0)
         config = STORE_DEFAULTS.replace(mem_layers=layers, local_window=args.local_window or STORE_DEFAULTS.local_window)
     report = read_corpus(args.paths, args.store or default_store_dir(), ray_address=_address(args), model=args.model,
-                         config=config, force=args.force, retrieve=not args.no_retrieval, progress=not args.json)
+                         config=config, force=args.force, retrieve=args.retrieval, progress=not args.json)
     if args.json:
         print(json.dumps({"read": report.read, "skipped": report.skipped, "failed": report.failed,
                           "wall_s": round(report.wall_s, 3),

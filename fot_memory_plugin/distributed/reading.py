@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import MemoryConfig
-from ..documents.document_memory import STORE_DEFAULTS, _as_config_fields, _recorded_fingerprint, load_text
+from ..documents.document_memory import DOCUMENT_MODEL, STORE_DEFAULTS, _as_config_fields, _recorded_fingerprint, load_text
 from ..persistence import MemoryStore
 from ..persistence.files import remove_tree
 from ._ray import connect
@@ -88,7 +88,7 @@ def read_corpus(
     threads_per_task: int | None = None,
     staging_dir: str | os.PathLike[str] | None = None,
     force: bool = False,
-    retrieve: bool = True,
+    retrieve: bool | None = None,
     progress: bool = False,
     max_retries: int = 0,
     after_window: WindowHook | None = None,
@@ -133,9 +133,9 @@ def _model_and_config(store: Path, model: str | None,
     (None: the task's DocumentMemory.open chooses, e.g. a FoT-tuned model's own memory layers)."""
     recorded = _recorded_fingerprint(store)
     if recorded:
-        model = model or recorded.get("load_as", "smollm2")
+        model = model or recorded.get("load_as", "smollm2")  # stores from before load_as was kept
         config = config or STORE_DEFAULTS.replace(**_as_config_fields(recorded["memory_config"]))
-    return model or "smollm2", config
+    return model or DOCUMENT_MODEL, config
 
 
 def _jobs(paths: Sequence[str | os.PathLike[str]], store: Path, staging_root: Path, force: bool,
@@ -238,7 +238,7 @@ class _Progress:
 
 
 def _read_task(text: str, name: str, source_path: str, staging: str, model: str, config: dict[str, Any] | None,
-               device: str, retrieve: bool, threads: int, tracker: Any,
+               device: str, retrieve: bool | None, threads: int, tracker: Any,
                after_window: WindowHook | None) -> dict[str, Any]:
     """In a Ray worker: read one document into a new staging store; returns where and what it stored."""
     import torch

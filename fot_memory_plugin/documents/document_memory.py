@@ -45,11 +45,17 @@ from ..persistence.metadata import fingerprint_differences, normalise_fingerprin
 from ..persistence.files import validate_name
 from ..persistence.writer import estimate_document_bytes
 
-__all__ = ["DocumentMemory", "Answer", "Source", "LeftOut", "default_store_dir", "load_text", "STORE_ENV"]
+__all__ = ["DocumentMemory", "Answer", "Source", "LeftOut", "default_store_dir", "load_text", "STORE_ENV",
+           "DOCUMENT_MODEL"]
 
 logger = logging.getLogger(__name__)
 
 STORE_ENV = "FOT_MEMORY_STORE"  # overrides default_store_dir()
+# The model a new store reads with unless told: the FoT-tuned delta. On long-document QA over
+# held-out books its memory attention finds the evidence as often as MiniLM RAG does and the
+# zero-shot model's does not (benchmarks/README.md, "Long-document QA"); its stores are 5.9x
+# smaller and it reads at the plain model's speed.
+DOCUMENT_MODEL = "smollm2-fot"
 
 # Stores keep float16 keys and values and search with hnswlib; reading still retrieves exactly
 # from the document's own earlier windows (in RAM).
@@ -125,9 +131,12 @@ def load_text(path: str | os.PathLike[str]) -> str:
 class DocumentMemory:
     """A store of documents read by one model under one memory config, and the engine over it."""
 
-    def __init__(self, store: MemoryStore, engine: MemoryEngine) -> None:
+    def __init__(self, store: MemoryStore, engine: MemoryEngine, *, read_with_retrieval: bool = True) -> None:
         self.store = store
         self.engine = engine
+        # How read_text computes memory keys unless told: without retrieval for a FoT-tuned model
+        # (as its training does), with it for a zero-shot one (it loses the passkey otherwise).
+        self.read_with_retrieval = read_with_retrieval
         self._chunk_cache: dict[str, tuple[list[Chunk], np.ndarray]] = {}
         self._baselines: dict[tuple, dict[str, np.ndarray]] = {}  # (doc ids, chat, exact, heads) -> probe shares
         # The heads whose memory attention ranks passages (voting_heads.py); None: every head.
@@ -163,19 +172,21 @@ class DocumentMemory:
             path = Path(path) if path is not None else default_store_dir()
             store = MemoryStore.open(path, readonly=readonly, create=create, hold_lock=hold_lock, shared=shared)
         try:
-            engine = cls._engine_for(store, model, config, device)
+            engine, trained = cls._engine_for(store, model, config, device)
         except BaseException:
             if owns_store:
                 store.close()
             raise
-        return cls(store, engine)
+        return cls(store, engine, read_with_retrieval=not trained)
 
     @staticmethod
     def _engine_for(store: Any, model: str | None, config: MemoryConfig | None,
-                    device: str | None) -> MemoryEngine:
-        """Load the store's model (or the given one) and bind the store to its fingerprint."""
+                    device: str | None) -> tuple[MemoryEngine, bool]:
+        """Load the store's model (or the given one) and bind the store to its fingerprint;
+        returns the engine and whether the model learnt memory keys read without retrieval."""
         recorded = store.fingerprint
-        load_as = model or (recorded or {}).get("load_as", "smollm2")
+        # a store from before load_as was recorded was read with the zero-shot default
+        load_as = model or (recorded.get("load_as", "smollm2") if recorded else DOCUMENT_MODEL)
         loaded = load_model(load_as, device=device)
         if config is None and recorded:
             config = STORE_DEFAULTS.replace(**_as_config_fields(recorded["memory_config"]))
@@ -198,7 +209,7 @@ class DocumentMemory:
         except BaseException:
             engine.close()
             raise
-        return engine
+        return engine, loaded.reads_without_retrieval
 
     def close(self) -> None:
         self.engine.close()
@@ -235,7 +246,7 @@ class DocumentMemory:
         force: bool = False,
         progress: bool = False,
         metadata: dict[str, Any] | None = None,
-        retrieve: bool = True,
+        retrieve: bool | None = None,
         on_window: Callable[[int, int], None] | None = None,
     ) -> tuple[DocumentRecord, bool]:
         """Read text into the store; returns (record, whether it was read now).
@@ -244,9 +255,10 @@ class DocumentMemory:
         again unless force=True, which also replaces a document of the same name atomically.
         retrieve=False reads each window without retrieval (MemoryEngine.read): as fast as the
         plain model, and how FoT training computes memory keys; a zero-shot model loses the
-        passkey that way. on_window(end_token, num_tokens) is called after each window is stored.
+        passkey that way. None: `self.read_with_retrieval` (False for a FoT-tuned model). on_window(end_token, num_tokens) is called after each window is stored.
         """
         name = validate_name(name)
+        retrieve = self.read_with_retrieval if retrieve is None else retrieve
         if not text.strip():
             raise DocumentInputError(f"Document {name!r} is empty: there is nothing to read.")
         sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -117,6 +117,9 @@ class LoadedModel:
     # The memory config a FoT-tuned delta or a LongLLaMA checkpoint was trained for (its
     # mem_layers, window, mode); None for a model used zero-shot.
     memory_config: MemoryConfig | None = None
+    # A delta from `fot-memory train` learnt memory keys computed without retrieval (cross-batch
+    # training reads each window on its own), so documents are best read that way too.
+    reads_without_retrieval: bool = False
 
     def memory_config_for(self, base: MemoryConfig) -> MemoryConfig:
         """`base` with what a FoT delta was trained for (memory layers, window, positional mode);
@@ -192,7 +195,7 @@ def load_model(
         model_id, memory_config = _apply_delta(model, model_id, Path(delta))
     _prepare(model, tokenizer, torch_dtype, device)
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, source_path=source,
-                       memory_config=memory_config)
+                       memory_config=memory_config, reads_without_retrieval=delta is not None)
 
 
 def _apply_delta(model: PreTrainedModel, model_id: str, path: Path) -> tuple[str, MemoryConfig]:
