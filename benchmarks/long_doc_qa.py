@@ -67,19 +67,23 @@ def _questions(haystacks: list[hs.Haystack]) -> Iterator[tuple[hs.Haystack, hs.C
 
 
 def _row(method: str, length: int, cue: hs.Cue, form: str, answer: str, seconds: float,
-         top3: bool | None, **extra: Any) -> dict:
-    return {"method": method, "length": length, "cue": cue.id, "kind": cue.kind, "form": form,
+         top3: bool | None, device: Any = "cpu", **extra: Any) -> dict:
+    return {"method": method, "length": length, "cue": cue.id, "kind": cue.kind, "form": form, "device": str(device),
             "answer": hs.first_line(answer), "correct": hs.correct(answer, cue), "seconds": round(seconds, 3),
             "top3": top3, **extra}
 
 
+REDO_EMPTY = False  # --redo-empty: ask again the questions whose answer came back empty
+
+
 class Results:
-    """Rows appended to results/<name>.jsonl as they come: a rerun resumes where it stopped."""
+    """Rows appended to results/<name>.jsonl as they come: a rerun resumes where it stopped (the
+    report keeps the last row of each question)."""
 
     def __init__(self, folder: Path, name: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"{name}.jsonl"
-        self.done = {self._key(row) for row in _read(self.path)}
+        self.done = {self._key(row) for row in _read(self.path) if not (REDO_EMPTY and row.get("answer") == "")}
 
     @staticmethod
     def _key(row: dict) -> tuple:
@@ -127,7 +131,8 @@ def _ask_all(memory, haystacks: list[hs.Haystack], name: str, length: int, resul
     ids = {record.name: record.id for record in memory.documents()}
     calibrated = memory.voting_heads
     for haystack, cue, form, chat in _questions(haystacks):
-        if results.has(f"{name}-reread", length, cue.id, form):
+        todo = [mode for mode in ("memory", "reread") if not results.has(f"{name}-{mode}", length, cue.id, form)]
+        if not todo:
             continue
         doc_id, span = ids[haystack.name], haystack.evidence[cue.id]
         evidence = set(hs.evidence_chunks(memory, doc_id, span))
@@ -141,13 +146,14 @@ def _ask_all(memory, haystacks: list[hs.Haystack], name: str, length: int, resul
             ranked = memory._passages(records, prompt, chat, True, ranking)
             rankings[label] = bool({item.chunk.index for item in ranked[:3]} & evidence)
         memory.voting_heads = calibrated
-        for answer_mode in ("memory", "reread"):
+        for answer_mode in todo:
             started = time.perf_counter()
             answer = memory.ask(prompt_text, docs=[doc_id], chat=chat, max_new_tokens=args.max_new_tokens,
                                 exact=True, answer_mode=answer_mode, **_stop(memory.engine))
             seconds = time.perf_counter() - started
             top3 = any(hs.overlaps((s.start_char, s.end_char), span) for s in answer.sources[:3])
             results.add(_row(f"{name}-{answer_mode}", length, cue, form, answer.text, seconds, top3,
+                             memory.engine.device,
                              rankings=rankings, sources=[[s.start_char, s.end_char] for s in answer.sources[:3]],
                              evidence=list(span)))
         print(f"{name} {length} {cue.id} {form}: {hs.first_line(answer.text)[:40]!r} rankings={rankings}", flush=True)
@@ -232,6 +238,7 @@ def run_rag(args: argparse.Namespace, spec: dict, cues: list[hs.Cue], engine) ->
                 answer = _plain_answer(engine, template.format(context_str=context, query_str=question), chat,
                                        args.max_new_tokens)
                 results.add(_row(method, length, cue, form, answer, retrieval + time.perf_counter() - started, top3,
+                                 engine.device,
                                  sources=[[n.node.start_char_idx, n.node.end_char_idx] for n in nodes],
                                  evidence=list(span)))
             print(f"rag {length} {cue.id} {form}: {hs.first_line(answer)[:40]!r} top3={top3}", flush=True)
@@ -250,7 +257,7 @@ def run_baselines(args: argparse.Namespace, spec: dict, cues: list[hs.Cue], engi
                 continue
             started = time.perf_counter()
             answer = _plain_answer(engine, text, chat, args.max_new_tokens)
-            results.add(_row(method, 0, cue, form, answer, time.perf_counter() - started, None))
+            results.add(_row(method, 0, cue, form, answer, time.perf_counter() - started, None, engine.device))
             print(f"baselines {method} {cue.id} {form}: {hs.first_line(answer)[:40]!r}", flush=True)
 
 
@@ -287,7 +294,7 @@ def _one_off(method: str, length: int, setup: dict) -> str:
 
 def report(folder: Path) -> str:
     rows = [row for path in sorted(folder.glob("*.jsonl")) for row in _read(path)]
-    answers = [row for row in rows if "cue" in row]
+    answers = list({Results._key(row): row for row in rows if "cue" in row}.values())  # the last of each
     setup = {(row["method"], row["length"]): row for row in rows if "cue" not in row}
     lengths = sorted({row["length"] for row in answers if row["length"]})
     order = lambda m: (not m.startswith("evidence"), m != "none", not m.startswith("rag"), m)  # noqa: E731
@@ -311,7 +318,9 @@ def report(folder: Path) -> str:
             ranks = [r["rankings"] for r in chosen if r.get("rankings")]
             if ranks and method.endswith("-memory"):  # the question's own pass, each ranking
                 top += " (" + ", ".join(f"{k}: {sum(r[k] for r in ranks)}" for k in ranks[0]) + ")"
-            seconds = statistics.mean(r["seconds"] for r in chosen)
+            devices = [r.get("device", "cuda:0") for r in chosen]
+            device = max(set(devices), key=devices.count)  # answers asked again elsewhere keep their first time
+            seconds = statistics.mean(r["seconds"] for r in chosen if r.get("device", "cuda:0") == device)
             lines.append(f"| {_label(method)} | {right('completion')} | {right('question')} | {right(None)} | "
                          f"{top} | {seconds:.2f} | {_one_off(method, length, setup)} |")
     return "\n".join(lines)
@@ -324,6 +333,7 @@ def plot(folder: Path, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [row for path in sorted(folder.glob("*.jsonl")) for row in _read(path) if "cue" in row]
+    rows = list({Results._key(row): row for row in rows}.values())
     lengths = sorted({row["length"] for row in rows if row["length"]})
     methods = sorted({row["method"] for row in rows})
     fig, axes = plt.subplots(1, 2, figsize=(14, 0.45 * len(methods) + 2), sharey=True)
@@ -363,10 +373,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true", help="only print the table and write the PNG")
     parser.add_argument("--books", nargs="*", help="only these books' questions")
     parser.add_argument("--forms", nargs="+", default=["completion", "question"], choices=["completion", "question"])
+    parser.add_argument("--redo-empty", action="store_true", help="ask again questions whose answer came back empty")
     parser.add_argument("--limit", type=int, help="only the first N questions per length (a smoke run)")
     args = parser.parse_args(argv)
-    global LIMIT, ONLY_FORMS
-    LIMIT, ONLY_FORMS = args.limit, tuple(args.forms)
+    global LIMIT, ONLY_FORMS, REDO_EMPTY
+    LIMIT, ONLY_FORMS, REDO_EMPTY = args.limit, tuple(args.forms), args.redo_empty
     if not args.report:
         spec, cues = hs.load_cues(args.cues)
         if args.books:
