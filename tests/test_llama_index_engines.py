@@ -21,7 +21,8 @@ from llama_index.core.instrumentation.events.llm import LLMChatStartEvent, LLMCo
 from llama_index.core.llms import ChatMessage
 from llama_index.core.tools import FunctionTool
 
-from fot_memory_plugin.integrations.llama_index.llm import FoTMemoryLLM, _Trimmed
+from fot_memory_plugin.integrations.llama_index.llm import FoTMemoryLLM
+from fot_memory_plugin.integrations.llama_index.prompts import StrippedDeltas
 from llama_index_helpers import *  # noqa: F403 (fixtures)
 from llama_index_helpers import CONFIG, QUESTION
 
@@ -168,7 +169,7 @@ def test_system_prompt_query_wrapper_and_stopping_ids(store_dir):
 
 def test_streamed_deltas_add_up_to_the_stripped_text():
     pieces = ["\n", " \n The", " young", " ", "\n", "man", "\n\n", " "]
-    trimmed = _Trimmed()
+    trimmed = StrippedDeltas()
     deltas = [trimmed.feed(piece) for piece in pieces]
     assert "".join(deltas) == "".join(pieces).strip() == "The young \nman"
     assert deltas[0] == "" and deltas[4] == ""  # whitespace is held back until text follows it

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
-import threading
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence
 
 from llama_index.core.base.llms.generic_utils import messages_to_prompt as generic_messages_to_prompt
 from llama_index.core.base.llms.types import (
@@ -40,7 +38,7 @@ from llama_index.core.types import PydanticProgramMode
 
 from ...core.config import DEFAULT_ANSWER_MODE, DEFAULT_RANKING, AnswerMode, Ranking
 from ...documents.document_memory import Answer, DocumentMemory
-from .prompts import answer_plain, ask_any_length, trained_positions
+from .prompts import StrippedDeltas, answer_plain, ask_any_length, in_thread, trained_positions
 
 __all__ = ["FoTMemoryLLM"]
 
@@ -225,8 +223,8 @@ class FoTMemoryLLM(CustomLLM):
         prepared = self._prepare(prompt, formatted, kwargs)
 
         def responses() -> CompletionResponseGen:
-            content, trimmed = "", _Trimmed()
-            for item in _in_thread(lambda on_text: self._answer(*prepared, on_text=on_text)):
+            content, trimmed = "", StrippedDeltas()
+            for item in in_thread(lambda on_text: self._answer(*prepared, on_text=on_text)):
                 if isinstance(item, Answer):  # the last item: the finished answer with its sources
                     yield _response(content, item, delta="")
                     return
@@ -302,26 +300,6 @@ def _end_ids(model: Any) -> list[int]:
     return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [int(value)]
 
 
-class _Trimmed:
-    """Turns streamed pieces into deltas whose sum is the whole text stripped: leading whitespace
-    is dropped, trailing whitespace held back until more text follows it."""
-
-    def __init__(self) -> None:
-        self._started = False
-        self._held = ""
-
-    def feed(self, piece: str) -> str:
-        if not self._started:
-            piece = piece.lstrip()
-            if not piece:
-                return ""
-            self._started = True
-        text = self._held + piece
-        shown = text.rstrip()
-        self._held = text[len(shown):]
-        return shown
-
-
 def _named(docs: list[str] | Literal["all"]) -> list[str] | None:
     return None if docs == "all" else docs
 
@@ -331,28 +309,3 @@ def _response(text: str, answer: Answer, delta: str | None = None) -> Completion
     left_out = [item.to_dict() for item in answer.left_out]  # damaged documents the answer could not use
     return CompletionResponse(text=text, delta=delta, raw=answer.to_dict(),
                               additional_kwargs={"sources": sources, "left_out": left_out})
-
-
-def _in_thread(ask: Callable[[Callable[[str], None]], Answer]) -> Iterator[str | Answer]:
-    """Run `ask(on_text)` in a thread; yield its text pieces as they come, then its Answer."""
-    pieces: queue.Queue[tuple[str, Any]] = queue.Queue()
-
-    def work() -> None:
-        try:
-            pieces.put(("answer", ask(lambda piece: pieces.put(("text", piece)))))
-        except BaseException as error:  # raised again in the consuming thread
-            pieces.put(("error", error))
-
-    worker = threading.Thread(target=work, daemon=True)
-    worker.start()
-    while True:
-        kind, value = pieces.get()
-        if kind == "text":
-            yield value
-        elif kind == "error":
-            worker.join()
-            raise value
-        else:
-            worker.join()
-            yield value
-            return
