@@ -65,7 +65,7 @@ def test_read_only_and_removing_commands_never_create_a_store(tmp_path, capsys, 
     store = tmp_path / "mistyped" / "store"
     assert main([*argv, "--store", str(store)]) == 2
     error = capsys.readouterr().err
-    assert f"no memory store at {store}" in error and "nothing was created" in error and "fot-memory read" in error
+    assert f"No memory store at {store}" in error and "nothing was created" in error and "fot-memory read" in error
     assert list(tmp_path.iterdir()) == []
 
 

@@ -517,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except StoreNotFoundError as error:
-        print(f"fot-memory: error: no memory store at {error.path} (nothing was created there): `fot-memory read "
+        print(f"fot-memory: error: No memory store at {error.path} (nothing was created there): `fot-memory read "
               f"FILE --store {error.path}` makes one; check the path, --store and $FOT_MEMORY_STORE.", file=sys.stderr)
         return 2
     except (FoTMemoryError, StoreError, ValueError) as error:
