@@ -97,6 +97,13 @@ def test_an_existing_store_still_answers_docs_json(store_dir, capsys):
     assert {doc["name"] for doc in json.loads(capsys.readouterr().out)["documents"]} == {"novel.txt"}
 
 
+def test_ask_takes_a_question_longer_than_the_local_window(store_dir, capsys):
+    question = "It was a truth universally acknowledged, and the neighbours said so again and again. " * 6
+    assert main(["ask", question, "--store", str(store_dir), "--no-chat", "--max-new-tokens", "2", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert isinstance(answer["answer"], str) and answer["sources"]
+
+
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory, tiny_model_dir) -> Path:
     from fot_memory_plugin.documents.document_memory import STORE_DEFAULTS, DocumentMemory

@@ -22,7 +22,7 @@ from llama_index.core.llms import ChatMessage
 from llama_index.core.tools import FunctionTool
 
 from fot_memory_plugin.integrations.llama_index.llm import FoTMemoryLLM
-from fot_memory_plugin.integrations.llama_index.prompts import StrippedDeltas
+from fot_memory_plugin.integrations.llama_index.streaming import StrippedDeltas
 from llama_index_helpers import *  # noqa: F403 (fixtures)
 from llama_index_helpers import CONFIG, QUESTION
 

@@ -16,7 +16,8 @@ from llama_index.core.chat_engine import (
 )
 from llama_index.core.chat_engine.types import ChatMode
 
-from fot_memory_plugin.core.errors import StorageContextError, UnknownOptionError
+from fot_memory_plugin.core.errors import QuestionTooLongError, StorageContextError, UnknownOptionError
+from fot_memory_plugin.documents.long_prompts import ask_any_length
 from fot_memory_plugin.integrations.llama_index.index import FoTMemoryIndex
 from llama_index_helpers import *  # noqa: F403 (fixtures)
 from llama_index_helpers import CONFIG, QUESTION
@@ -107,5 +108,12 @@ def test_long_documents_read_with_a_progress_bar_by_default(tmp_path, tiny_model
 def test_a_question_longer_than_the_local_window_is_answered(index, library):
     question = (library / "chapter1.txt").read_text(encoding="utf-8")[:1200] + "\n" + QUESTION
     assert len(index.memory.engine.encode(question)[0]) > 3 * CONFIG.local_window
-    response = index.as_query_engine(max_new_tokens=4).query(question)
-    assert isinstance(response, Response) and len(response.source_nodes) == 3
+    for chat in (False, True):  # with the chat template too: the templated prompt's head goes to memory
+        response = index.as_query_engine(max_new_tokens=4, chat=chat).query(question)
+        assert isinstance(response, Response) and len(response.source_nodes) == 3
+    with pytest.raises(QuestionTooLongError):  # DocumentMemory.ask itself still refuses it
+        index.memory.ask(question, chat=False)
+    assert ask_any_length(index.memory, question, docs=None, chat=False, answer_mode="reread", ranking="attention",
+                          max_new_tokens=4).text == index.as_query_engine(
+        max_new_tokens=4, answer_mode="reread", ranking="attention").query(question).response
+    assert index.memory.engine.router.extra is None  # nothing of the question stays in memory

@@ -321,11 +321,13 @@ def _read(args: argparse.Namespace) -> int:
 def _ask(args: argparse.Namespace) -> int:
     if not args.question.strip():
         raise ValueError("The question is empty: give the question (or, with --no-chat, the text to complete).")
+    from ..documents.long_prompts import ask_any_length
+
     on_ray = getattr(args, "ray", None) is not None
     with open_on_ray(args) if on_ray else _open_documents(args, readonly=True) as memory:
         on_text = (lambda piece: print(piece, end="", flush=True)) if args.stream and not args.json else None
-        answer = memory.ask(
-            args.question, docs=args.doc, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
+        answer = ask_any_length(  # a question longer than the local window: its head is read into memory
+            memory, args.question, docs=args.doc, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
             on_text=on_text, num_sources=args.sources, exact=args.exact, answer_mode=args.answer_mode,
             ranking=args.ranking,
         )

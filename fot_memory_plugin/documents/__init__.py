@@ -1,14 +1,17 @@
 """Persistent document memories: read once into a store, ask from any process, cite passages.
 
 - `document_memory.py`: `DocumentMemory` joins the engine and the store (reading, asking, sources);
-- `passages.py`: memory attention per passage, ranking by lift or weight, re-read answering's prompt.
+- `passages.py`: memory attention per passage, ranking by lift or weight, re-read answering's prompt;
+- `long_prompts.py`: questions and prompts longer than the local context, their head read into memory.
 """
 
 from __future__ import annotations
 
 from .._lazy import lazy_exports
 
-__all__ = ["DocumentMemory", "Answer", "Source", "LeftOut", "default_store_dir", "load_text", "STORE_ENV",
-           "STORE_DEFAULTS"]
+_DOCUMENT_MEMORY = ["DocumentMemory", "Answer", "Source", "LeftOut", "default_store_dir", "load_text", "STORE_ENV",
+                    "STORE_DEFAULTS"]
+__all__ = [*_DOCUMENT_MEMORY, "ask_any_length"]
 
-__getattr__, __dir__ = lazy_exports(__name__, {name: ".document_memory" for name in __all__})
+__getattr__, __dir__ = lazy_exports(__name__, {**{name: ".document_memory" for name in _DOCUMENT_MEMORY},
+                                               "ask_any_length": ".long_prompts"})

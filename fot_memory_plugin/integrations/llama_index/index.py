@@ -44,7 +44,8 @@ from ...core.config import DEFAULT_ANSWER_MODE, DEFAULT_RANKING, AnswerMode, Mem
 from ...core.errors import StorageContextError, UnknownOptionError
 from ...documents.document_memory import Answer, DocumentMemory, Source
 from ...persistence import DocumentRecord, StoreNotFoundError
-from .prompts import StrippedDeltas, ask_any_length, in_thread
+from ...documents.long_prompts import ask_any_length
+from .streaming import StrippedDeltas, in_thread
 
 __all__ = ["FoTMemoryIndex", "FoTMemoryRetriever", "FoTMemoryQueryEngine", "METADATA_KEY"]
 

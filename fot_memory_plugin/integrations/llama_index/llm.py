@@ -38,7 +38,8 @@ from llama_index.core.types import PydanticProgramMode
 
 from ...core.config import DEFAULT_ANSWER_MODE, DEFAULT_RANKING, AnswerMode, Ranking
 from ...documents.document_memory import Answer, DocumentMemory
-from .prompts import StrippedDeltas, answer_plain, ask_any_length, in_thread, trained_positions
+from ...documents.long_prompts import answer_plain, ask_any_length, trained_positions
+from .streaming import StrippedDeltas, in_thread
 
 __all__ = ["FoTMemoryLLM"]
 

@@ -1,7 +1,7 @@
 """Prompts of any length, the FoT way: what does not fit the local context is read into memory.
 
 llama-index packs prompts up to an LLM's `context_window` (retrieved chunks, chat history, an
-agent's tool descriptions). A FoT model takes a prompt longer than its local context as
+agent's tool descriptions), and people paste long questions. A FoT model takes a prompt longer than its local context as
 LongLLaMA takes a long input: the head is read into memory window by window, the tail (the
 memory config's `context_length` tokens) stays in the local context, and the memory layers
 search the head beside the stored documents while answering (`MemoryEngine.prompt_head`).
@@ -10,16 +10,14 @@ search the head beside the stored documents while answering (`MemoryEngine.promp
 from __future__ import annotations
 
 import contextlib
-import queue
-import threading
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from ...core.engine import MemoryEngine
-from ...documents.document_memory import Answer, DocumentMemory
+from ..core.engine import MemoryEngine
+from .document_memory import Answer, DocumentMemory
 
-__all__ = ["ask_any_length", "answer_plain", "split_prompt", "trained_positions", "in_thread", "StrippedDeltas"]
+__all__ = ["ask_any_length", "answer_plain", "split_prompt", "trained_positions"]
 
 
 def trained_positions(engine: MemoryEngine) -> int:
@@ -95,51 +93,3 @@ def _generated(engine: MemoryEngine, ids: torch.Tensor, max_new_tokens: int, on_
         on_text(piece)
         pieces.append(piece)
     return "".join(pieces).strip()
-
-
-# -- streaming ----------------------------------------------------------------------------------
-
-
-def in_thread(ask: Callable[[Callable[[str], None]], Answer]) -> Iterator[str | Answer]:
-    """Run `ask(on_text)` in a thread; yield its text pieces as they come, then its Answer."""
-    pieces: queue.Queue[tuple[str, Any]] = queue.Queue()
-
-    def work() -> None:
-        try:
-            pieces.put(("answer", ask(lambda piece: pieces.put(("text", piece)))))
-        except BaseException as error:  # raised again in the consuming thread
-            pieces.put(("error", error))
-
-    worker = threading.Thread(target=work, daemon=True)
-    worker.start()
-    while True:
-        kind, value = pieces.get()
-        if kind == "text":
-            yield value
-        elif kind == "error":
-            worker.join()
-            raise value
-        else:
-            worker.join()
-            yield value
-            return
-
-
-class StrippedDeltas:
-    """Turns streamed pieces into deltas whose sum is the whole text stripped: leading whitespace
-    is dropped, trailing whitespace held back until more text follows it."""
-
-    def __init__(self) -> None:
-        self._started = False
-        self._held = ""
-
-    def feed(self, piece: str) -> str:
-        if not self._started:
-            piece = piece.lstrip()
-            if not piece:
-                return ""
-            self._started = True
-        text = self._held + piece
-        shown = text.rstrip()
-        self._held = text[len(shown):]
-        return shown
