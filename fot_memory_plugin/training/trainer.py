@@ -5,7 +5,7 @@ Each step draws N documents, two consecutive windows from each, stacks them as
 of every window. Memory layers route their attention through `CrossBatchAttention`, so a current
 window attends to the previous windows of d documents of the batch (its own and d-1 negatives);
 d follows a schedule that grows during training. Only the memory layers' attention is trained by
-default: the result is a delta of a few MB (delta.py).
+default: the result is a delta of a few MB (models/delta.py).
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ class FoTMemoryLLM(CustomLLM):
     answer_mode: AnswerMode = Field(
         default=DEFAULT_ANSWER_MODE,
         description="'memory': the memory layers attend to the documents while answering; 'reread': the "
-        "passages the prompt draws memory attention to are put, as text, before it (see passages.py).",
+        "passages the prompt draws memory attention to are put, as text, before it (see documents/passages.py).",
     )
     ranking: Ranking = Field(
         default=DEFAULT_RANKING,
