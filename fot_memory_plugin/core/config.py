@@ -14,7 +14,7 @@ PositionalMode = Literal["zero", "fixed"]
 Retrieval = Literal["exact", "hnsw"]
 MEM_DTYPES = ("float32", "float16", "bfloat16")
 
-# How a question is answered from stored documents, and how its sources are ranked (documents/passages.py).
+# How a question is answered from stored documents, and how its sources are ranked (passages.py).
 AnswerMode = Literal["memory", "reread"]
 Ranking = Literal["lift", "attention"]
 ANSWER_MODES: tuple[str, ...] = ("memory", "reread")
