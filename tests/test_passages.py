@@ -75,7 +75,8 @@ def test_reread_of_a_document_shorter_than_the_window_asks_with_the_document_in_
     with DocumentMemory.open(short_store, model=str(tiny_model_dir), config=config) as memory:
         records = memory.documents()
         prompt = memory.engine.encode(QUESTION)
-        chosen, reread = memory._reread_prompt(QUESTION, records, prompt, False, True, "lift", 4)
+        ranked = memory._passages(records, prompt, False, True, "lift")
+        chosen, reread = memory._reread_prompt(QUESTION, ranked, records, False, 4)
         chunks = memory.store.chunks(records[0].id)
         assert len(chosen) == len(chunks)  # everything fits: every chunk is placed
         document = BOOK.read_text(encoding="utf-8")[:600]
@@ -90,12 +91,14 @@ def test_reread_of_a_document_shorter_than_the_window_asks_with_the_document_in_
 
 
 def test_reread_places_only_what_fits_beside_question_and_answer(short_store, tiny_model_dir):
-    with DocumentMemory.open(short_store, model=str(tiny_model_dir)) as memory:  # local window 64
+    config = CONFIG.replace(last_context_length=128)  # room for a passage or two, not the document
+    with DocumentMemory.open(short_store, model=str(tiny_model_dir), config=config) as memory:
         records = memory.documents()
         prompt = memory.engine.encode(QUESTION)
-        chosen, reread = memory._reread_prompt(QUESTION, records, prompt, False, True, "lift", 8)
-        assert reread.shape[1] + 8 <= memory.engine.config.context_length
         ranked = memory._passages(records, prompt, False, True, "lift")
+        chosen, reread = memory._reread_prompt(QUESTION, ranked, records, False, 8)
+        assert len(chosen) < len(memory.store.chunks(records[0].id))
+        assert reread.shape[1] + 8 <= memory.engine.config.context_length
         budget = memory.engine.config.context_length - prompt.shape[1] - 8
         assert chosen == choose_passages(ranked, budget)[: len(chosen)] and chosen
         expected = f"{passage_text(chosen, [records[0].id])}\n\n{QUESTION}"
@@ -149,3 +152,57 @@ def test_a_planted_fact_outranks_the_opening_and_every_window_start(smollm2_fot,
         answer = memory.ask("The lighthouse keeper's parrot was called Captain", chat=False, max_new_tokens=3,
                             answer_mode="reread", exact=True)
         assert "Biscuit" in answer.text
+
+
+def test_sentence_chunks_tile_the_tokens_and_cut_between_sentences(smollm2):
+    from fot_memory_plugin.documents.passages import sentence_chunks
+
+    text = BOOK.read_text(encoding="utf-8")[:3000]
+    encoding = smollm2.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    offsets = encoding["offset_mapping"]
+    tokenize = lambda piece: smollm2.tokenizer.encode(piece, add_special_tokens=False)  # noqa: E731
+    chunks = sentence_chunks(text, offsets, tokenize, max_tokens=64)
+    assert chunks[0][0] == 0 and chunks[-1][1] == len(offsets)
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))  # every token in exactly one chunk
+    assert all(end - start <= 80 for start, end, *_ in chunks)  # about the splitter's 64 (token counts differ a little in context)
+    for start, end, start_char, end_char, piece in chunks:
+        assert piece == text[start_char:end_char] and piece.strip()
+    ends = [piece.rstrip()[-1] for *_, piece in chunks[:-1]]
+    assert sum(end in '.!?"_;:' for end in ends) >= 0.8 * len(ends)  # whole sentences, not 64-token cuts
+
+
+def test_voting_heads_rank_by_their_own_attention_only(short_store, tiny_model_dir):
+    from fot_memory_plugin.documents.passages import chunk_sums
+    from fot_memory_plugin.documents.voting_heads import VotingHeads
+
+    with DocumentMemory.open(short_store, model=str(tiny_model_dir), config=CONFIG) as memory:
+        assert memory.voting_heads is None  # no profile was calibrated for this model
+        records = memory.documents()
+        doc_id = records[0].id
+        labels, question, probe = memory.head_attention(QUESTION, chat=False)
+        prompt = memory.engine.encode(QUESTION)
+        with memory._attending(records, exact=True) as (memories, attention), torch.no_grad():
+            memory.engine.model(input_ids=prompt, attention_mask=torch.ones_like(prompt), use_cache=False)
+        every = chunk_sums(attention, [doc_id], next(iter(memories.values())).offsets, CONFIG.local_window,
+                           memory._chunks_of)[doc_id]
+        assert np.allclose(question[doc_id].sum(axis=0), every)  # per-head attention adds up to the whole
+        layer, head = labels[-1]
+        memory.voting_heads = VotingHeads({layer: (head,)})
+        ranked = memory._passages(records, prompt, False, True, "attention")
+        alone = question[doc_id][-1]
+        assert [item.chunk.index for item in ranked] == [int(i) for i in np.argsort(-alone, kind="stable") if alone[i] > 0]
+
+
+def test_a_voting_heads_profile_of_another_model_is_not_used(tmp_path, monkeypatch):
+    from fot_memory_plugin.documents import voting_heads
+
+    profile = voting_heads.VotingHeads({3: (1, 2)}, "some/model", "abc", {"examples": 4})
+    profile.save(tmp_path / "mine.json")
+    assert voting_heads.VotingHeads.load(tmp_path / "mine.json") == profile
+    monkeypatch.setattr(voting_heads, "HEADS_DIR", tmp_path)
+    same = {"model": {"model_id": "some/model", "config_hash": "abc"}}
+    assert voting_heads.VotingHeads.for_model("mine", same, [3, 4]) == profile
+    assert voting_heads.VotingHeads.for_model("mine", {"model": {"model_id": "other", "config_hash": "abc"}}, [3]) is None
+    assert voting_heads.VotingHeads.for_model("mine", same, [4]) is None  # layer 3 is not a memory layer here
+    with pytest.raises(ValueError, match="at least one head"):
+        voting_heads.VotingHeads({3: ()})

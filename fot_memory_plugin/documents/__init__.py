@@ -1,7 +1,9 @@
 """Persistent document memories: read once into a store, ask from any process, cite passages.
 
 - `document_memory.py`: `DocumentMemory` joins the engine and the store (reading, asking, sources);
-- `passages.py`: memory attention per passage, ranking by lift or weight, re-read answering's prompt;
+- `passages.py`: sentence-aligned passages, memory attention per passage, ranking by lift or
+  weight, re-read answering's prompt;
+- `voting_heads.py`: the calibrated memory heads whose attention ranks passages (`heads/*.json`);
 - `long_prompts.py`: questions and prompts longer than the local context, their head read into memory.
 """
 

@@ -33,9 +33,12 @@ from .passages import (
     ScoredChunk,
     choose_passages,
     chunk_shares,
+    chunk_sums,
     passage_text,
     rank_chunks,
+    sentence_chunks,
 )
+from .voting_heads import VotingHeads
 from ..persistence import Chunk, DocumentRecord, MemoryStore, StoreNotFoundError, num_threads
 from ..persistence.errors import IncompatibleStoreError
 from ..persistence.metadata import fingerprint_differences, normalise_fingerprint
@@ -48,7 +51,6 @@ logger = logging.getLogger(__name__)
 
 STORE_ENV = "FOT_MEMORY_STORE"  # overrides default_store_dir()
 
-CHUNK_TOKENS = 64  # tokens per cited passage: a sentence or two of prose
 # Stores keep float16 keys and values and search with hnswlib; reading still retrieves exactly
 # from the document's own earlier windows (in RAM).
 STORE_DEFAULTS = MemoryConfig(mem_dtype="float16", retrieval="hnsw")
@@ -127,7 +129,11 @@ class DocumentMemory:
         self.store = store
         self.engine = engine
         self._chunk_cache: dict[str, tuple[list[Chunk], np.ndarray]] = {}
-        self._baselines: dict[tuple, dict[str, np.ndarray]] = {}  # (doc ids, chat, exact) -> probe shares
+        self._baselines: dict[tuple, dict[str, np.ndarray]] = {}  # (doc ids, chat, exact, heads) -> probe shares
+        # The heads whose memory attention ranks passages (voting_heads.py); None: every head.
+        fingerprint = store.fingerprint or {}
+        self.voting_heads: VotingHeads | None = VotingHeads.for_model(
+            fingerprint.get("load_as"), fingerprint, engine.layers)
 
     @classmethod
     def open(
@@ -259,7 +265,7 @@ class DocumentMemory:
             name, source_path=source_path, sha256=sha256, text_length=len(text),
             metadata=metadata, dtype=dtype, force=force, threads=self._writer_threads(), expected_bytes=needed,
         ) as writer:
-            writer.add_chunks(_chunks(text, encoding["offset_mapping"]))
+            writer.add_chunks(sentence_chunks(text, encoding["offset_mapping"], self._tokenize))
 
             def to_store(start: int, end: int, captured: dict) -> None:
                 for layer, (keys, values) in captured.items():
@@ -273,6 +279,9 @@ class DocumentMemory:
             finally:
                 self.engine.reset()
         return writer.record, True
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.engine.tokenizer.encode(text, add_special_tokens=False)
 
     def _needed_bytes(self, num_tokens: int) -> int:
         """About how much disk a document of `num_tokens` tokens takes in this store."""
@@ -323,10 +332,13 @@ class DocumentMemory:
         records, left_out, prompt = self._records_and_prompt(question, docs, chat)
         by_id = {record.id: record for record in records}
         if answer_mode == "reread":
-            chosen, prompt = self._reread_prompt(question, records, prompt, chat, exact, ranking, max_new_tokens)
+            ranked = self._passages(records, prompt, chat, exact, ranking)
+            chosen, prompt = self._reread_prompt(question, ranked, records, chat, max_new_tokens)
+            if not chosen:
+                logger.warning("no passage fits the local context beside the question: answering from memory alone")
             with self._attending(records, exact):
                 text = self._generate(prompt, max_new_tokens, on_text, generate_options)
-            return Answer(text, [_source(item, by_id) for item in chosen[:num_sources]], left_out)
+            return Answer(text, [_source(item, by_id) for item in (chosen or ranked)[:num_sources]], left_out)
         with self._attending(records, exact) as (memories, attention):
             text = self._generate(prompt, max_new_tokens, on_text, generate_options)
         ranked = self._rank(memories, attention, records, chat, exact, ranking)
@@ -345,6 +357,26 @@ class DocumentMemory:
         by_id = {record.id: record for record in records}
         return [_source(item, by_id) for item in self._passages(records, prompt, chat, exact, ranking)[:num_sources]]
 
+    def head_attention(self, question: str, *, docs: Sequence[str] | None = None, chat: bool = True,
+                       exact: bool = True) -> tuple[list[tuple[int, int]], dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Every memory head's attention per chunk under the question and under BASELINE_PROBE,
+        for calibrating voting heads. Returns (labels: (layer, head) per row; per document an
+        (H, C) array of attention sums under the question; the same under the probe)."""
+        records, _, prompt = self._records_and_prompt(question, docs, chat)
+        probe = self.engine.chat_prompt(BASELINE_PROBE) if chat else self.engine.encode(BASELINE_PROBE)
+        results = []
+        for ids in (prompt, probe):
+            with self._attending(records, exact, per_head=True) as (memories, attention), torch.no_grad():
+                self.engine.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            memory = next(iter(memories.values()))
+            flat = attention.reshape(attention.shape[0], -1)  # (N, layers * heads)
+            columns = [chunk_sums(flat[:, column], memory.doc_ids, memory.offsets,
+                                  self.engine.config.local_window, self._chunks_of) for column in range(flat.shape[1])]
+            results.append({doc_id: np.stack([column[doc_id] for column in columns]) for doc_id in columns[0]})
+        heads = self.engine.model.config.num_attention_heads
+        labels = [(layer, head) for layer in self.engine.layers for head in range(heads)]
+        return labels, results[0], results[1]
+
     def _passages(self, records: list[DocumentRecord], prompt: torch.Tensor, chat: bool, exact: bool,
                   ranking: Ranking) -> list[ScoredChunk]:
         """Every chunk the prompt draws memory attention to (one forward pass), best first."""
@@ -362,7 +394,8 @@ class DocumentMemory:
 
     def _baseline(self, records: list[DocumentRecord], chat: bool, exact: bool) -> dict[str, np.ndarray]:
         """Chunk shares under BASELINE_PROBE over these documents (computed once per process)."""
-        key = (tuple(record.id for record in records), chat, exact)
+        voting = None if self.voting_heads is None else tuple(sorted(self.voting_heads.heads.items()))
+        key = (tuple(record.id for record in records), chat, exact, voting)
         if key not in self._baselines:
             probe = self.engine.chat_prompt(BASELINE_PROBE) if chat else self.engine.encode(BASELINE_PROBE)
             with self._attending(records, exact) as (memories, attention), torch.no_grad():
@@ -372,11 +405,11 @@ class DocumentMemory:
                                                 self.engine.config.local_window, self._chunks_of)
         return self._baselines[key]
 
-    def _reread_prompt(self, question: str, records: list[DocumentRecord], prompt: torch.Tensor, chat: bool,
-                       exact: bool, ranking: Ranking, max_new_tokens: int) -> tuple[list[ScoredChunk], torch.Tensor]:
+    def _reread_prompt(self, question: str, ranked: list[ScoredChunk], records: list[DocumentRecord], chat: bool,
+                       max_new_tokens: int) -> tuple[list[ScoredChunk], torch.Tensor]:
         """(the passages placed, best first; the prompt: their text in document order, a blank
-        line, the question), within the local context less the answer's tokens."""
-        ranked = self._passages(records, prompt, chat, exact, ranking)
+        line, the question), within the local context less the question's and answer's tokens."""
+        prompt = self.engine.chat_prompt(question) if chat else self.engine.encode(question)
         budget = self.engine.config.context_length - prompt.shape[1] - max_new_tokens
         chosen = choose_passages(ranked, budget)
         while True:
@@ -420,15 +453,32 @@ class DocumentMemory:
         return good, left_out
 
     @contextlib.contextmanager
-    def _attending(self, records: list[DocumentRecord], exact: bool = False) -> Iterator[tuple[dict, torch.Tensor]]:
-        """Memory over `records` attached to the engine; yields (memories, attention per memory token)."""
+    def _attending(self, records: list[DocumentRecord], exact: bool = False,
+                   per_head: bool = False) -> Iterator[tuple[dict, torch.Tensor]]:
+        """Memory over `records` attached to the engine; yields (memories, attention per memory
+        token): (N,) summed over the voting heads, or with per_head (N, layers, query heads)."""
         exact = exact or self.engine.config.retrieval == "exact"
         memories = {layer: self.store.memory(layer, records, exact=exact) for layer in self.engine.layers}
-        attention = torch.zeros(len(next(iter(memories.values()))), dtype=torch.float64)
+        size = len(next(iter(memories.values())))
+        heads = self.engine.model.config.num_attention_heads
+        slot = {layer: number for number, layer in enumerate(self.engine.layers)}
+        attention = torch.zeros((size, len(slot), heads) if per_head else size, dtype=torch.float64)
+        voting = self.voting_heads if not per_head else None
+        masks: dict[int, torch.Tensor] = {}
 
         def record(layer: int, token_ids: torch.Tensor, weights: torch.Tensor) -> None:
+            # token_ids, weights: (B, Hq, T, k); a missing hit has token id -1
+            if voting is not None:
+                if layer not in masks:
+                    masks[layer] = voting.mask(layer, heads, weights.device).view(1, -1, 1, 1)
+                weights = weights * masks[layer]
             found = token_ids >= 0
-            attention.index_add_(0, token_ids[found].cpu(), weights[found].double().cpu())
+            if per_head:
+                head_index = torch.arange(heads, device=token_ids.device).view(1, -1, 1, 1).expand_as(token_ids)
+                attention.index_put_((token_ids[found].cpu(), torch.full_like(token_ids[found], slot[layer]).cpu(),
+                                      head_index[found].cpu()), weights[found].double().cpu(), accumulate=True)
+            else:
+                attention.index_add_(0, token_ids[found].cpu(), weights[found].double().cpu())
 
         self.engine.reset(memories)
         try:
@@ -480,16 +530,6 @@ def _as_config_fields(recorded: dict[str, Any]) -> dict[str, Any]:
     if fields.get("mem_layers") is not None:
         fields["mem_layers"] = tuple(fields["mem_layers"])
     return fields
-
-
-def _chunks(text: str, offsets: Sequence[tuple[int, int]]) -> list[tuple[int, int, int, int, str]]:
-    """(start_token, end_token, start_char, end_char, text) for every CHUNK_TOKENS tokens."""
-    chunks = []
-    for start in range(0, len(offsets), CHUNK_TOKENS):
-        end = min(start + CHUNK_TOKENS, len(offsets))
-        start_char, end_char = offsets[start][0], offsets[end - 1][1]
-        chunks.append((start, end, start_char, end_char, text[start_char:end_char]))
-    return chunks
 
 
 def _source(item: ScoredChunk, records: dict[str, DocumentRecord]) -> Source:

@@ -1,7 +1,8 @@
 """Which stored passages a question draws memory attention to, and how they re-enter the prompt.
 
-Sources are text chunks (CHUNK_TOKENS tokens each) scored by the share of memory attention their
-tokens receive. Some chunks draw attention whatever is asked (a document's opening, formatting
+Sources are text chunks scored by the share of memory attention their tokens receive. A chunk is
+a run of whole sentences of at most CHUNK_TOKENS tokens (llama-index's SentenceSplitter picks the
+cuts; a longer sentence is cut between words), so a cited passage reads as prose. Some chunks draw attention whatever is asked (a document's opening, formatting
 runs: attention sinks), so the ranking can subtract what a question-independent probe gives each
 chunk: `lift = share under the question - share under the probe`.
 
@@ -21,8 +22,10 @@ import torch
 from ..core.config import ANSWER_MODES, RANKINGS, AnswerMode, Ranking
 from ..persistence import Chunk
 
-__all__ = ["ScoredChunk", "AnswerMode", "Ranking", "ANSWER_MODES", "RANKINGS", "BASELINE_PROBE",
-           "chunk_shares", "rank_chunks", "choose_passages", "passage_text"]
+__all__ = ["CHUNK_TOKENS", "sentence_chunks", "ScoredChunk", "AnswerMode", "Ranking", "ANSWER_MODES", "RANKINGS", "BASELINE_PROBE",
+           "chunk_shares", "chunk_sums", "rank_chunks", "choose_passages", "passage_text"]
+
+CHUNK_TOKENS = 64  # at most, per cited passage: a sentence or two of prose
 
 # A question about nothing in particular: the attention it pays is the question-independent part.
 BASELINE_PROBE = "Here is a question about the text."
@@ -39,6 +42,34 @@ class ScoredChunk:
 ChunksOf = Callable[[str], tuple[list[Chunk], np.ndarray]]  # doc id -> (chunks, their start tokens)
 
 
+def sentence_chunks(text: str, offsets: Sequence[tuple[int, int]], tokenize: Callable[[str], list],
+                    max_tokens: int = CHUNK_TOKENS) -> list[tuple[int, int, int, int, str]]:
+    """(start_token, end_token, start_char, end_char, text) for runs of whole sentences.
+
+    offsets: each token's (start_char, end_char) in `text`; tokenize: text -> token list (the
+    splitter's length measure). The chunks tile the tokens: every token belongs to exactly one.
+    """
+    from llama_index.core.node_parser import SentenceSplitter  # imported here: slow to import
+
+    if not offsets:
+        return []
+    splitter = SentenceSplitter(chunk_size=max_tokens, chunk_overlap=0, tokenizer=tokenize)
+    token_starts = np.fromiter((start for start, _ in offsets), dtype=np.int64, count=len(offsets))
+    cuts, cursor = {0}, 0
+    for piece in splitter.split_text(text):
+        found = text.find(piece, cursor)
+        if found < 0:  # the splitter changed the piece's whitespace: keep the cuts found so far
+            continue
+        cuts.add(max(0, int(np.searchsorted(token_starts, found, side="right")) - 1))  # the token holding it
+        cursor = found + len(piece)
+    bounds = sorted(cut for cut in cuts if cut < len(offsets)) + [len(offsets)]
+    chunks = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        start_char, end_char = offsets[start][0], offsets[end - 1][1]
+        chunks.append((start, end, start_char, end_char, text[start_char:end_char]))
+    return chunks
+
+
 def chunk_shares(attention: torch.Tensor, doc_ids: Sequence[str], offsets: Sequence[int], window: int,
                  chunks_of: ChunksOf) -> dict[str, np.ndarray]:
     """Per document, each chunk's share of the memory attention (all documents' shares sum to 1).
@@ -48,18 +79,24 @@ def chunk_shares(attention: torch.Tensor, doc_ids: Sequence[str], offsets: Seque
     read and soaks up attention whatever the question (the document's first token alone drew 25%
     of all memory attention on Pride and Prejudice).
     """
+    sums = chunk_sums(attention, doc_ids, offsets, window, chunks_of)
+    total = sum(float(per_chunk.sum()) for per_chunk in sums.values())
+    return {doc_id: per_chunk / total if total > 0 else np.zeros_like(per_chunk) for doc_id, per_chunk in sums.items()}
+
+
+def chunk_sums(attention: torch.Tensor, doc_ids: Sequence[str], offsets: Sequence[int], window: int,
+               chunks_of: ChunksOf) -> dict[str, np.ndarray]:
+    """Per document, the memory attention each chunk's tokens received (window starts left out)."""
     attention = attention.double().clone()
     for position in range(len(doc_ids)):
         attention[int(offsets[position]) : int(offsets[position + 1]) : window] = 0
-    total = float(attention.sum())
-    shares = {}
+    sums = {}
     for position, doc_id in enumerate(doc_ids):
         start, end = int(offsets[position]), int(offsets[position + 1])
         chunks, starts = chunks_of(doc_id)
         owner = np.searchsorted(starts, np.arange(end - start), side="right") - 1
-        per_chunk = np.bincount(owner, weights=attention[start:end].numpy(), minlength=len(chunks))
-        shares[doc_id] = per_chunk / total if total > 0 else np.zeros(len(chunks))
-    return shares
+        sums[doc_id] = np.bincount(owner, weights=attention[start:end].numpy(), minlength=len(chunks))
+    return sums
 
 
 def rank_chunks(shares: dict[str, np.ndarray], baseline: dict[str, np.ndarray] | None, chunks_of: ChunksOf,
