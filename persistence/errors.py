@@ -38,6 +38,7 @@ class StoreNotFoundError(StoreError, FileNotFoundError):
     """No store at the given path, and the caller asked not to create one."""
 
     def __init__(self, path: str) -> None:
+        self.path = path
         super().__init__(
             f"No memory store at {path}: read a document into it first, or open it with create=True "
             "(and readonly=False) to make a new one."

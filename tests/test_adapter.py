@@ -18,6 +18,7 @@ from transformers import (
 from conftest import TINY_VOCAB, tiny_llama
 from fot_memory_plugin import MemoryConfig, MemoryEngine
 from fot_memory_plugin.core.errors import UnsupportedModelError
+from fot_memory_plugin.core.memory import ExactMemory
 
 SMALL = MemoryConfig(local_window=8, top_k=4, mem_attention_grouping=3)
 
@@ -107,6 +108,33 @@ def test_read_window_is_the_step_that_read_repeats(model):
         torch.testing.assert_close(engine.memories[1].keys, read_keys)
         with pytest.raises(ValueError, match="use read"):
             engine.read_window(ids)
+
+
+def test_prompt_head_is_searched_beside_the_memories_and_then_dropped(model):
+    """A prompt head read with prompt_head() answers as if read into memory (the long-input path of
+    generate()), stays beside memories that reset() switches in, and is gone after the block."""
+    documents, head, tail = _ids(16, 10), _ids(24, 11), _ids(8, 12)
+    with MemoryEngine(model, None, SMALL) as engine:
+        engine.read(documents)
+        stored = engine.memories
+        engine.reset()
+        engine.read(head)  # read alone, as prompt_head reads it
+        both = {layer: ExactMemory() for layer in engine.layers}
+        for layer in engine.layers:
+            for memory in (stored[layer], engine.memories[layer]):
+                both[layer].append(memory.keys, memory.values)
+        engine.reset(both)
+        expected = _logits(model, tail)
+        engine.reset()
+        with engine.prompt_head(head):
+            assert engine.memory_tokens == 0  # the engine's own memories are untouched
+            engine.reset(stored)  # as DocumentMemory.ask switches in the documents
+            torch.testing.assert_close(_logits(model, tail), expected, atol=1e-5, rtol=1e-5)
+            with pytest.raises(RuntimeError, match="do not nest"):
+                with engine.prompt_head(head):
+                    pass
+        assert engine.router.extra is None and engine.memory_tokens == 16
+        assert not torch.allclose(_logits(model, tail), expected, atol=1e-4)
 
 
 def test_top_k_covering_memory_is_invariant_to_larger_k(model, token_ids):

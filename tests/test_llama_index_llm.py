@@ -39,17 +39,20 @@ def llm(store_dir, library):
 
 def test_class_hierarchy_fields_and_metadata(llm, tiny_model_dir):
     assert issubclass(FoTMemoryLLM, CustomLLM) and issubclass(FoTMemoryLLM, LLM) and issubclass(FoTMemoryLLM, BaseLLM)
-    for name in ("store_path", "model_name", "memory_docs", "max_new_tokens", "num_sources", "generate_kwargs"):
+    for name in ("store_path", "model_name", "memory_docs", "max_new_tokens", "num_sources", "generate_kwargs",
+                 "context_window", "is_chat_model", "system_prompt", "query_wrapper_prompt", "stopping_ids",
+                 "answer_mode", "ranking"):
         assert FoTMemoryLLM.model_fields[name].description, f"field {name} has no description"
     dumped = llm.model_dump()
     assert dumped["memory_docs"] is None and "_memory" not in dumped and "model" not in dumped
     assert llm.model is llm.memory.engine.model and llm.tokenizer is llm.memory.engine.tokenizer
     assert llm.store is llm.memory.store
     meta = llm.metadata
-    assert (meta.context_window, meta.num_output, meta.model_name) == (CONFIG.local_window, 6, str(tiny_model_dir))
+    # The model's trained positions, with documents too: a longer prompt's head is read into memory.
+    assert (meta.context_window, meta.num_output, meta.model_name) == (512, 6, str(tiny_model_dir))
     assert not meta.is_chat_model and not meta.is_function_calling_model
-    plain = FoTMemoryLLM(document_memory=llm.memory, memory_docs=[])
-    assert plain.metadata.context_window == 512  # the model's positions: the whole prompt is local
+    plain = FoTMemoryLLM(document_memory=llm.memory, memory_docs=[], context_window=4096, is_chat_model=True)
+    assert (plain.metadata.context_window, plain.metadata.is_chat_model) == (4096, True)
     previous = Settings._llm
     try:
         Settings.llm = llm
@@ -74,7 +77,7 @@ def test_stream_complete_yields_deltas_that_add_up_to_complete(llm):
     assert len(chunks) >= 2 and all(chunk.text.startswith(chunks[0].text) for chunk in chunks)
     assert "".join(chunk.delta for chunk in chunks) == chunks[-1].text
     complete = llm.complete(QUESTION)
-    assert chunks[-1].text.strip() == complete.text
+    assert chunks[-1].text == complete.text  # the same text, not merely the same after strip()
     assert chunks[-1].additional_kwargs["sources"] == complete.additional_kwargs["sources"]
 
 
@@ -90,7 +93,7 @@ def test_chat_goes_through_the_tokenizers_chat_template(llm):
     assert reply.message.role == "assistant"
     assert reply.message.content == llm.complete(prompt, formatted=True).text
     streamed = list(llm.stream_chat(messages))
-    assert streamed[-1].message.content.strip() == reply.message.content
+    assert streamed[-1].message.content == reply.message.content
 
 
 def test_memory_docs_choose_what_the_memory_layers_attend_to(llm):

@@ -87,3 +87,30 @@ def test_half_precision_memory_searches_in_the_query_dtype():
     memory.append(torch.randn(1, 1, 10, 8), torch.randn(1, 1, 10, 8))
     hits = memory.search(torch.randn(1, 1, 2, 8), k=4)
     assert hits.keys.dtype == torch.float32 and hits.mask.all()
+
+
+def test_joined_memory_searches_both_as_one_and_hides_the_extra_ids():
+    """JoinedMemory(main, extra) finds what one exact memory over both finds; hits in `extra`
+    carry id -1 (they are no token of `main`), and appends go to `extra`."""
+    from fot_memory_plugin.core.memory import JoinedMemory
+
+    generator = torch.Generator().manual_seed(3)
+    first, second = torch.randn(1, 2, 10, 8, generator=generator), torch.randn(1, 2, 6, 8, generator=generator)
+    main, extra, both = ExactMemory(), ExactMemory(), ExactMemory()
+    main.append(first, first + 1)
+    both.append(first, first + 1)
+    joined = JoinedMemory(main, extra)
+    assert len(joined) == 10 and joined.search(torch.randn(1, 4, 3, 8), 4).token_ids.max() < 10
+    joined.append(second, second + 1)
+    both.append(second, second + 1)
+    assert (len(main), len(extra), len(joined)) == (10, 6, 16)
+    queries = torch.randn(1, 4, 5, 8, generator=generator)
+    got, expected = joined.search(queries, 5), both.search(queries, 5)
+    torch.testing.assert_close(got.keys, expected.keys)
+    torch.testing.assert_close(got.values, expected.values)
+    assert torch.equal(got.mask, expected.mask)
+    in_main = expected.token_ids < 10
+    assert torch.equal(got.token_ids[in_main], expected.token_ids[in_main]) and (got.token_ids[~in_main] == -1).all()
+    assert in_main.any() and (~in_main).any()
+    alone = JoinedMemory(ExactMemory(), extra).search(queries, 20)  # k beyond what is stored: padded, masked
+    assert alone.mask.sum(-1).eq(6).all() and (alone.token_ids == -1).all()

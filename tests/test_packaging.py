@@ -118,7 +118,7 @@ def test_wheel_installs_namespace_portions_without_init_files(tmp_path):
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
     for name in ("fot_memory_plugin", "adapters", "persistence"):
         shutil.copytree(ROOT / name, source / name, ignore=ignore)
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, source / name)
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
@@ -136,6 +136,7 @@ def test_wheel_installs_namespace_portions_without_init_files(tmp_path):
     assert "fot_memory_plugin/models/deltas/smollm2-fot/fot_config.json" in names
     for package in ("core", "models", "documents", "integrations/llama_index", "apps", "training", "distributed"):
         assert f"fot_memory_plugin/{package}/__init__.py" in names
+    _check_metadata(zipfile.ZipFile(wheel), names)
     target = tmp_path / "installed"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--disable-pip-version-check",
                     "--target", str(target), str(wheel)], check=True, timeout=300)
@@ -143,3 +144,73 @@ def test_wheel_installs_namespace_portions_without_init_files(tmp_path):
     found = _imports([target, other], "llama_index.llms.other_vendor")
     assert found["llms"].startswith(str(target)) and found["memory"].startswith(str(target))
     assert found["other_value"] == "other vendor" and "site-packages" in found["core"]
+
+
+def _check_metadata(wheel: zipfile.ZipFile, names: set[str]) -> None:
+    """PEP 639 licence metadata, classifiers, URLs, and ranges (never exact pins) for dependencies."""
+    (metadata_name,) = [name for name in names if name.endswith(".dist-info/METADATA")]
+    metadata = wheel.read(metadata_name).decode()
+    fields = [line.split(": ", 1) for line in metadata.split("\n\n", 1)[0].splitlines() if ": " in line]
+    values = lambda key: [value for name, value in fields if name == key]  # noqa: E731
+    assert values("License-Expression") == ["MIT"] and values("License-File") == ["LICENSE"]
+    assert not values("License")  # the legacy free-text field
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
+    assert "Development Status :: 3 - Alpha" in values("Classifier")
+    assert any(url.startswith("Paper, https://arxiv.org/abs/2307.03170") for url in values("Project-URL"))
+    requires = values("Requires-Dist")
+    assert "hnswlib<0.9,>=0.8" in requires and "transformers<6,>=5.17" in requires
+    assert not [need for need in requires if "==" in need.split(";")[0]], "exact pins belong in constraints.txt"
+    assert "fot_memory_plugin/py.typed" in names
+
+
+def test_llamahub_lists_what_its_import_path_exports():
+    """[tool.llamahub]'s classes all import from its import_path (what LlamaHub shows users)."""
+    llamahub = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["llamahub"]
+    module = importlib.import_module(llamahub["import_path"])
+    assert set(llamahub["class_authors"]) == {"FoTMemoryLLM", "FoTMemoryIndex", "FoTDocumentMemoryBlock"}
+    for name in llamahub["class_authors"]:
+        assert name in module.__all__ and getattr(module, name).__module__.startswith("fot_memory_plugin.")
+    memory = importlib.import_module("llama_index.memory.fot_memory")
+    assert memory.FoTDocumentMemoryBlock is module.FoTDocumentMemoryBlock
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_into_a_fresh_venv_beside_an_official_integration(tmp_path):
+    """pip resolves the built wheel together with llama-index-core and the official
+    llama-index-embeddings-huggingface (sentence-transformers 6, transformers 5), and both import.
+
+    The fresh venv's base layer is this checkout's installed packages, as --system-site-packages
+    gives a system's (a .pth file; the editable install of this checkout is not active there), so
+    pip downloads only what the integration adds (from PyPI or pip's cache) and never a CUDA torch
+    (constraints.txt). Takes a minute or two; needs PyPI unless pip's cache holds the packages.
+    """
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--disable-pip-version-check", "-w", str(wheels), str(ROOT)], check=True, timeout=600,
+                   capture_output=True)
+    (wheel,) = wheels.glob("fot_memory_plugin-*.whl")
+    venv = tmp_path / "fresh"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    base = next(path for path in sys.path if path.endswith("site-packages") and Path(path, "torch").is_dir())
+    Path(site, "zz_base_layer.pth").write_text(base + "\n")
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-c", str(ROOT / "constraints.txt"),
+         str(wheel), "llama-index-core", "llama-index-embeddings-huggingface"],
+        capture_output=True, text=True, timeout=900)
+    if install.returncode != 0 and "ResolutionImpossible" not in install.stdout + install.stderr \
+            and ("Could not find a version" in install.stderr or "NewConnectionError" in install.stderr):
+        pytest.skip(f"PyPI unreachable and pip's cache lacks the integration: {install.stderr[-300:]}")
+    assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
+    code = ("import fot_memory_plugin, llama_index.llms.fot_memory as ours\n"
+            "from llama_index.embeddings.huggingface import HuggingFaceEmbedding\n"
+            "from llama_index.core import VectorStoreIndex\n"
+            "from fot_memory_plugin import MemoryEngine, load_model\n"
+            "print(fot_memory_plugin.__file__); print(ours.__file__); print(HuggingFaceEmbedding.__module__)\n")
+    done = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
+    assert done.returncode == 0, done.stderr
+    ours, namespace, theirs = done.stdout.split()
+    assert ours.startswith(str(venv)) and namespace.startswith(str(venv))  # the wheel, not the checkout
+    assert theirs == "llama_index.embeddings.huggingface.base"

@@ -17,7 +17,8 @@ import torch
 
 from ..core.engine import MemoryEngine
 
-__all__ = ["PasskeyResult", "passkey_prompt", "prompt_of_length", "is_correct", "run_passkey", "accuracy_table"]
+__all__ = ["PasskeyResult", "passkey_prompt", "prompt_of_length", "is_correct", "run_passkey", "accuracy_table",
+           "plot_heatmap", "heatmap_figure"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +146,15 @@ def _bucket(length: int) -> int:
 
 def plot_heatmap(results: Sequence[PasskeyResult | dict], path: str, title: str = "passkey accuracy") -> None:
     """Depth x length heatmaps of accuracy, memory beside truncated, saved as a PNG."""
+    import matplotlib.pyplot as plt
+
+    figure = heatmap_figure(results, title)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def heatmap_figure(results: Sequence[PasskeyResult | dict], title: str = "passkey accuracy") -> Any:
+    """The matplotlib Figure that plot_heatmap saves (one panel per variant, one colour bar)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,23 +164,28 @@ def plot_heatmap(results: Sequence[PasskeyResult | dict], path: str, title: str 
     lengths = sorted({key[1] for key in table})
     depths = sorted({key[2] for key in table})
     variants = sorted({key[0] for key in table}, reverse=True)
-    figure, axes = plt.subplots(1, len(variants), figsize=(4 * len(variants) + 1, 3.5), squeeze=False)
+    # Constrained layout keeps the suptitle, panel titles, labels and colour bar apart; the panels
+    # share the depth axis, so only the first carries its label.
+    figure, axes = plt.subplots(1, len(variants), figsize=(3.6 * len(variants) + 1.4, 3.6), squeeze=False,
+                                sharey=True, layout="constrained")
     for axis, memory in zip(axes[0], variants):
         grid = [[_share(table.get((memory, length, depth))) for length in lengths] for depth in depths]
         image = axis.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
         axis.set_xticks(range(len(lengths)), [f"{length // 1000}k" if length >= 1000 else str(length) for length in lengths])
         axis.set_yticks(range(len(depths)), [f"{depth:.2f}" for depth in depths])
         axis.set_xlabel("prompt tokens")
-        axis.set_ylabel("passkey depth")
-        axis.set_title("FoT memory" if memory else "truncated to window")
+        axis.set_title("FoT memory" if memory else "truncated to window", fontsize=10)
         for row, depth in enumerate(depths):
             for column, length in enumerate(lengths):
                 correct, total = table.get((memory, length, depth), (0, 0))
-                axis.text(column, row, f"{correct}/{total}", ha="center", va="center", fontsize=8)
-    figure.colorbar(image, ax=axes[0].tolist(), label="accuracy")
-    figure.suptitle(title)
-    figure.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(figure)
+                share = _share((correct, total))
+                dark = share == share and (share < 0.2 or share > 0.8)  # NaN: an empty cell
+                axis.text(column, row, f"{correct}/{total}", ha="center", va="center", fontsize=8,
+                          color="white" if dark else "black")
+    axes[0][0].set_ylabel("passkey depth")
+    figure.colorbar(image, ax=axes[0].tolist(), label="accuracy", shrink=0.9)
+    figure.suptitle(title, fontsize=11)
+    return figure
 
 
 def _share(cell: tuple[int, int] | None) -> float:

@@ -162,6 +162,30 @@ class MemoryEngine:
             self.memories[layer].append(*captured[layer])
         return captured, scores
 
+    @contextlib.contextmanager
+    def prompt_head(self, head_ids: torch.Tensor) -> Iterator[None]:
+        """Read head_ids (1, N), the head of a prompt too long for the local context, into a
+        memory of its own, which every memory layer searches beside the engine's memories (which
+        `reset` may switch meanwhile, to stored documents for example) until the block ends.
+
+        This is how a FoT model takes a prompt longer than its window (LongLLaMA reads a long
+        input's head into memory the same way): the tail stays in the local context.
+        """
+        if self.router.extra is not None:
+            raise RuntimeError("prompt_head blocks do not nest: finish the current prompt first.")
+        saved = self.router.memories
+        head = self._fresh_memories()
+        self.router.memories = head
+        try:
+            self.read(head_ids)
+        finally:
+            self.router.memories = saved
+        self.router.extra = head
+        try:
+            yield
+        finally:
+            self.router.extra = None
+
     # -- generation -----------------------------------------------------------------------------
 
     def _split_prompt(self, prompt_ids: torch.Tensor) -> torch.Tensor:
@@ -273,6 +297,10 @@ class _TextQueueStreamer(BaseStreamer):
         self.sent = text
 
     def end(self) -> None:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if len(text) > len(self.sent):  # a piece held back for a character that never completed
+            self.queue.put(text[len(self.sent) :])
+            self.sent = text
         self.queue.put(None)
 
     def __iter__(self) -> Iterator[str]:

@@ -6,6 +6,8 @@ re-exported here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ..adapters.base import AdapterStateError, UnsupportedModelError
 from ..persistence.errors import (
     CorruptDocumentError,
@@ -38,6 +40,8 @@ __all__ = [
     "DocumentInputError",
     "NoDocumentsError",
     "QuestionTooLongError",
+    "UnknownOptionError",
+    "StorageContextError",
     "StoreError",
     "StoreNotFoundError",
     "StoreLockedError",
@@ -91,3 +95,16 @@ class ConversationNameTakenError(FoTMemoryError, ValueError):
 
 class MissingDependencyError(FoTMemoryError, ImportError):
     """An optional package a given model or feature needs is not installed."""
+
+
+class UnknownOptionError(FoTMemoryError, TypeError):
+    """An option that a llama-index object of this package does not take (it would vanish silently)."""
+
+    def __init__(self, where: str, unknown: Sequence[str], accepted: Sequence[str], hint: str = "") -> None:
+        self.unknown, self.accepted = list(unknown), sorted(accepted)
+        super().__init__(f"{where} does not take {', '.join(map(repr, self.unknown))}; it takes "
+                         f"{', '.join(self.accepted)}.{' ' + hint if hint else ''}")
+
+
+class StorageContextError(FoTMemoryError, ValueError):
+    """A llama-index StorageContext given to an index that keeps its documents in its own store."""

@@ -11,7 +11,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Memory", "Retrieved", "ExactMemory", "empty_retrieval", "exact_top_k"]
+__all__ = ["Memory", "Retrieved", "ExactMemory", "JoinedMemory", "empty_retrieval", "exact_top_k", "merge_top_k"]
 
 
 class Retrieved(NamedTuple):
@@ -163,6 +163,47 @@ class ExactMemory:
     def clear(self) -> None:
         self._keys = self._values = None
         self._size = 0
+
+
+class JoinedMemory:
+    """Two memories searched as one: per query, the top-k of both together by inner product.
+
+    `main` is searched as it is (for example the stored documents' memory); `extra` takes the
+    appends (for example the head of a long prompt, read just before answering). Hits in `extra`
+    report token id -1: they are no token of `main`, so whoever maps ids to `main`'s tokens
+    (sources) leaves them out.
+    """
+
+    def __init__(self, main: Memory, extra: Memory) -> None:
+        self.main = main
+        self.extra = extra
+
+    def __len__(self) -> int:
+        return len(self.main) + len(self.extra)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.extra.append(keys, values)
+
+    def search(self, queries: torch.Tensor, k: int) -> Retrieved:
+        if len(self.extra) == 0:
+            return self.main.search(queries, k)
+        extra = self.extra.search(queries, k)
+        extra = Retrieved(extra.keys, extra.values, extra.mask, torch.full_like(extra.token_ids, -1))
+        if len(self.main) == 0:
+            return extra
+        return merge_top_k(queries, self.main.search(queries, k), extra, k)
+
+
+def merge_top_k(queries: torch.Tensor, first: Retrieved, second: Retrieved, k: int) -> Retrieved:
+    """The k best of two searches' hits for the same queries (B, Hq, T, D), by inner product."""
+    keys = torch.cat([first.keys.to(queries.dtype), second.keys.to(queries.dtype)], dim=3)  # (B, Hq, T, 2k, D)
+    values = torch.cat([first.values.to(queries.dtype), second.values.to(queries.dtype)], dim=3)
+    mask = torch.cat([first.mask, second.mask], dim=3)  # (B, Hq, T, 2k)
+    token_ids = torch.cat([first.token_ids, second.token_ids], dim=3)
+    scores = torch.einsum("bhtd,bhtkd->bhtk", queries, keys).masked_fill(~mask, float("-inf"))
+    top = scores.topk(k, dim=-1).indices  # (B, Hq, T, k)
+    rows = top[..., None].expand(*top.shape, keys.shape[-1])
+    return Retrieved(keys.gather(3, rows), values.gather(3, rows), mask.gather(3, top), token_ids.gather(3, top))
 
 
 def _pad_to_k(found: Retrieved, k: int) -> Retrieved:

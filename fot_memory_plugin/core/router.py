@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..adapters import LayerAttentionCall
 from .attention import memory_attention
 from .config import MemoryConfig
-from .memory import Memory
+from .memory import JoinedMemory, Memory
 
 __all__ = ["MemoryRouter", "AttentionRecorder"]
 
@@ -36,6 +36,8 @@ class MemoryRouter:
         self.memories = dict(memories)
         self.retrieve = True  # False: memory layers see only the local window (a baseline)
         self.recorder: AttentionRecorder | None = None
+        # Searched beside `memories` while set (MemoryEngine.prompt_head): {layer: memory}.
+        self.extra: dict[int, Memory] | None = None
         self._captured: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @contextlib.contextmanager
@@ -60,6 +62,8 @@ class MemoryRouter:
         if self._captured is not None:
             self._captured[call.layer] = (call.new_keys, call.new_values)
         memory = self.memories.get(call.layer)
+        if self.extra is not None and memory is not None:
+            memory = JoinedMemory(memory, self.extra[call.layer])
         if not self.retrieve or memory is None or len(memory) == 0:
             return _local_attention(call)
         if self.config.positional_mode == "fixed":

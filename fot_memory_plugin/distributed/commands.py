@@ -1,4 +1,4 @@
-"""The command line's Ray side: `read --ray`, `ask --ray` and `shard` (hooked into cli.py).
+"""The command line's Ray side: `read --ray`, `ask --ray` and `shard` (hooked into apps/cli.py).
 
 Importing this module does not import Ray; the handlers do, and without it they raise
 RayNotInstalledError, which the CLI prints with the pip command that installs the extra.

@@ -1,10 +1,13 @@
-"""FoT cross-batch training (paper section 3.2): data, the training-time memory layer, the loop."""
+"""FoT cross-batch training (paper section 3.2): data, the training-time memory layer, the loop.
+
+- `config.py`: `TrainConfig` (no torch: the command line shows its defaults);
+- `data.py`: document-aware token streams; `crossbatch.py`: the training-time memory layer;
+- `trainer.py`: the loop and checkpoints; `run.py`: `fot-memory train`.
+"""
 
 from __future__ import annotations
 
-from .crossbatch import CrossBatchAttention, cross_batch_memory, pair_rows
-from .data import TokenCorpus, text_files
-from .trainer import DEFAULT_MEM_LAYERS, CrossBatchTrainer, StepResult, TrainConfig, window_losses
+from .._lazy import lazy_exports
 
 __all__ = [
     "CrossBatchAttention",
@@ -18,3 +21,16 @@ __all__ = [
     "text_files",
     "window_losses",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "CrossBatchAttention": ".crossbatch",
+    "cross_batch_memory": ".crossbatch",
+    "pair_rows": ".crossbatch",
+    "TokenCorpus": ".data",
+    "text_files": ".data",
+    "DEFAULT_MEM_LAYERS": ".config",
+    "TrainConfig": ".config",
+    "CrossBatchTrainer": ".trainer",
+    "StepResult": ".trainer",
+    "window_losses": ".trainer",
+})

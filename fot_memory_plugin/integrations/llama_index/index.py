@@ -5,8 +5,10 @@
 database. Its retriever returns, as `NodeWithScore`s, the passages that draw the most memory
 attention while the model reads the question (the score is that share of memory attention);
 its query engine answers from memory and cites the passages that drew the most attention while
-the answer was generated. `from_persist_dir` reopens a store in any later process:
-llama-index's `load_index_from_storage` cannot rebuild custom index classes.
+the answer was generated (streaming too), and its chat engines are llama-index's own around
+them. `from_persist_dir` reopens a store in any later process: the store is the persist
+directory, and a llama-index `StorageContext` is refused with a sentence saying so (its
+docstore, index store and vector store have nothing to hold; README, "Persisting").
 
     >>> documents = SimpleDirectoryReader(input_files=["novel.txt"]).load_data()   # doctest: +SKIP
     >>> index = FoTMemoryIndex.from_documents(documents, persist_dir="store")
@@ -17,14 +19,15 @@ llama-index's `load_index_from_storage` cannot rebuild custom index classes.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
 from collections import Counter
-from typing import Any, List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence
 
 from llama_index.core.base.base_retriever import BaseRetriever
-from llama_index.core.base.response.schema import Response
+from llama_index.core.base.response.schema import Response, StreamingResponse
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.callbacks import CallbackManager
 from llama_index.core.query_engine import CustomQueryEngine
@@ -38,14 +41,20 @@ from llama_index.core.schema import (
 )
 
 from ...core.config import DEFAULT_ANSWER_MODE, DEFAULT_RANKING, AnswerMode, MemoryConfig, Ranking
-from ...documents.document_memory import DocumentMemory, Source
+from ...core.errors import StorageContextError, UnknownOptionError
+from ...documents.document_memory import Answer, DocumentMemory, Source
 from ...persistence import DocumentRecord, StoreNotFoundError
+from ...documents.long_prompts import ask_any_length
+from .streaming import StrippedDeltas, in_thread
 
 __all__ = ["FoTMemoryIndex", "FoTMemoryRetriever", "FoTMemoryQueryEngine", "METADATA_KEY"]
 
 logger = logging.getLogger(__name__)
 
 METADATA_KEY = "llama_index"  # DocumentRecord.metadata[METADATA_KEY] = {"ref_doc_id", "metadata"}
+# Documents of more reading windows than this get a progress bar by default: ~4k tokens take
+# 10-20 s to read on 2 CPU cores (README, reading speed).
+LONG_INPUT_WINDOWS = 8
 
 
 class FoTMemoryIndex:
@@ -68,9 +77,22 @@ class FoTMemoryIndex:
         model: str | None = None,
         config: MemoryConfig | None = None,
         device: str | None = None,
-        show_progress: bool = False,
+        show_progress: bool | None = None,
+        storage_context: Any = None,
     ) -> FoTMemoryIndex:
-        """Open (or create) the store at `persist_dir` and read the documents not stored yet."""
+        """Open (or create) the store at `persist_dir` and read the documents not stored yet.
+
+        show_progress: a progress bar per document while reading; None (the default) shows one
+        for documents of more than a few reading windows, where reading takes more than seconds.
+        storage_context is refused (StorageContextError): the store at persist_dir is where the
+        documents live, and `from_persist_dir` reopens it.
+        """
+        if storage_context is not None:
+            raise StorageContextError(
+                "FoTMemoryIndex keeps its documents in its own store (key/value memory per layer, hnswlib indexes, "
+                "SQLite), which a StorageContext's docstore and vector store cannot hold: pass persist_dir=DIR to "
+                "from_documents instead, and reopen it in a later process with FoTMemoryIndex.from_persist_dir(DIR)."
+            )
         index = cls(DocumentMemory.open(persist_dir, model=model, config=config, device=device), owns_memory=True)
         try:
             index.insert_documents(documents, show_progress=show_progress)
@@ -109,7 +131,9 @@ class FoTMemoryIndex:
 
     # -- documents ------------------------------------------------------------------------------
 
-    def insert_documents(self, documents: Sequence[Document], *, show_progress: bool = False) -> list[DocumentRecord]:
+    def insert_documents(
+        self, documents: Sequence[Document], *, show_progress: bool | None = None
+    ) -> list[DocumentRecord]:
         """Read each document not stored yet (same text: skipped); returns their records in order.
 
         A document is named by its `file_name` metadata (else its id); names shared within the
@@ -123,8 +147,15 @@ class FoTMemoryIndex:
             for document in documents
         ]
 
-    def insert(self, document: Document, *, name: str | None = None, show_progress: bool = False) -> DocumentRecord:
-        """Read one llama-index Document into memory (skipped if its text is stored already)."""
+    def insert(
+        self, document: Document, *, name: str | None = None, show_progress: bool | None = None
+    ) -> DocumentRecord:
+        """Read one llama-index Document into memory (skipped if its text is stored already).
+
+        show_progress=None shows a progress bar for a document longer than LONG_INPUT_WINDOWS
+        reading windows (about 4 characters a token): reading takes more than seconds there."""
+        if show_progress is None:
+            show_progress = len(document.text) > 4 * LONG_INPUT_WINDOWS * self.memory.engine.config.local_window
         name = name or f"{_base_name(document)} [{document.id_}]"
         replace = False
         stored = {record.name: record for record in self.memory.documents()}
@@ -170,16 +201,76 @@ class FoTMemoryIndex:
         records = {record.id: record for record in self.memory.documents()}
         return [_node(source, records.get(source.doc_id), ranking) for source in sources]
 
+    @property
+    def storage_context(self) -> Any:
+        raise AttributeError(
+            f"FoTMemoryIndex has no StorageContext: its store at {self.persist_dir} holds everything and is durable "
+            f"as soon as a document is read, so there is nothing to persist; reopen it with "
+            f"FoTMemoryIndex.from_persist_dir({self.persist_dir!r})."
+        )
+
     # -- llama-index objects ----------------------------------------------------------------------
 
-    def as_retriever(self, *, similarity_top_k: int = 3, memory_docs: Sequence[str] | None = None,
-                     chat: bool = False, **kwargs: Any) -> FoTMemoryRetriever:
-        return FoTMemoryRetriever(self, similarity_top_k=similarity_top_k, memory_docs=memory_docs, chat=chat, **kwargs)
+    def as_retriever(self, **options: Any) -> FoTMemoryRetriever:
+        """A retriever over this index; options: similarity_top_k (passages returned), memory_docs,
+        chat, ranking, callback_manager, verbose. Anything else raises UnknownOptionError."""
+        _check_options("FoTMemoryIndex.as_retriever", options, _RETRIEVER_OPTIONS)
+        return FoTMemoryRetriever(self, **options)
 
-    def as_query_engine(self, **fields: Any) -> FoTMemoryQueryEngine:
-        """A query engine over this index; fields: memory_docs, chat, max_new_tokens, num_sources,
-        answer_mode, ranking."""
-        return FoTMemoryQueryEngine(index=self, **fields)
+    def as_query_engine(self, **options: Any) -> FoTMemoryQueryEngine:
+        """A query engine over this index; options: memory_docs, chat, max_new_tokens, num_sources
+        (or similarity_top_k: the same, the number of source nodes), answer_mode, ranking,
+        streaming, callback_manager. Anything else raises UnknownOptionError."""
+        _check_options("FoTMemoryIndex.as_query_engine", options, _QUERY_ENGINE_OPTIONS)
+        if "similarity_top_k" in options:
+            top_k = options.pop("similarity_top_k")
+            if options.setdefault("num_sources", top_k) != top_k:
+                raise ValueError(f"similarity_top_k={top_k} and num_sources={options['num_sources']} disagree: both "
+                                 "are the number of source nodes; give one.")
+        return FoTMemoryQueryEngine(index=self, **options)
+
+    def as_chat_engine(self, chat_mode: str = "best", llm: Any = None, **options: Any) -> Any:
+        """One of llama-index's chat engines over this index (as `BaseIndex.as_chat_engine` offers).
+
+        chat_mode: "condense_question" (and "best"): the chat history and the new message are
+        condensed into one question by the plain model, which the FoT query engine answers from
+        memory, with sources; "context" / "condense_plus_context": this index's retriever puts
+        the passages that draw memory attention into the chat prompt, answered by `llm` (default:
+        this index's FoTMemoryLLM, attending to the same documents); "simple": `llm` alone.
+        Options go to the query engine or retriever and to the chat engine's `from_defaults`
+        (memory, chat_history, system_prompt, ...); anything else raises UnknownOptionError.
+        """
+        from llama_index.core.chat_engine import (
+            CondensePlusContextChatEngine,
+            CondenseQuestionChatEngine,
+            ContextChatEngine,
+            SimpleChatEngine,
+        )
+
+        chat_mode = getattr(chat_mode, "value", chat_mode)
+        engines = {"best": CondenseQuestionChatEngine, "condense_question": CondenseQuestionChatEngine,
+                   "context": ContextChatEngine, "condense_plus_context": CondensePlusContextChatEngine,
+                   "simple": SimpleChatEngine}
+        if chat_mode not in engines:
+            raise ValueError(f"chat_mode {chat_mode!r} is not one of {', '.join(engines)}.")
+        engine_cls = engines[chat_mode]
+        own = _QUERY_ENGINE_OPTIONS if engine_cls is CondenseQuestionChatEngine else (
+            _RETRIEVER_OPTIONS if engine_cls is not SimpleChatEngine else set())
+        chat_options = {name for name in inspect.signature(engine_cls.from_defaults).parameters
+                        if name not in ("kwargs", "llm", "retriever", "query_engine")}
+        _check_options(f"FoTMemoryIndex.as_chat_engine(chat_mode={chat_mode!r})", options, own | chat_options)
+        mine = {name: value for name, value in options.items() if name in own}
+        theirs = {name: value for name, value in options.items() if name not in own}
+        if engine_cls is CondenseQuestionChatEngine:
+            # Streams, so that stream_chat works; chat() reads the stream to its end.
+            engine = self.as_query_engine(**{"streaming": True, **mine})
+            condenser = llm or self.as_llm(memory_docs=[], max_new_tokens=64)
+            return engine_cls.from_defaults(query_engine=engine, llm=condenser, **theirs)
+        if llm is None:  # the FoT LLM, attending to the documents the retriever searches
+            llm = self.as_llm(memory_docs=self.resolve(mine.get("memory_docs")))
+        if engine_cls is SimpleChatEngine:
+            return engine_cls.from_defaults(llm=llm, **theirs)
+        return engine_cls.from_defaults(retriever=self.as_retriever(**mine), llm=llm, **theirs)
 
     def as_llm(self, **options: Any) -> Any:
         """A FoTMemoryLLM sharing this index's model and store (memory_docs=[] for the plain model)."""
@@ -234,22 +325,65 @@ class FoTMemoryQueryEngine(CustomQueryEngine):
         "'reread' (the passages the question draws attention to are put, as text, before it).",
     )
     ranking: Ranking = Field(default=DEFAULT_RANKING, description="Passage ranking: 'lift' or 'attention'.")
+    streaming: bool = Field(
+        default=False, description="Return a StreamingResponse whose response_gen yields the answer as it is "
+        "generated; its source_nodes are filled when the stream ends (sources are ranked by the attention the "
+        "whole answer drew).",
+    )
     _index: FoTMemoryIndex = PrivateAttr()
 
     def __init__(self, *, index: FoTMemoryIndex, **fields: Any) -> None:
         super().__init__(**fields)
         self._index = index
 
-    def custom_query(self, query_str: str) -> Response:
-        answer = self._index.memory.ask(
-            query_str, docs=self._index.resolve(self.memory_docs), chat=self.chat,
-            max_new_tokens=self.max_new_tokens, num_sources=self.num_sources, answer_mode=self.answer_mode,
-            ranking=self.ranking,
-        )
-        nodes = self._index.nodes(answer.sources, self.ranking)
-        left_out = [item.to_dict() for item in answer.left_out]  # damaged documents, skipped with a warning
-        return Response(response=answer.text, source_nodes=nodes,
-                        metadata={"memory_docs": self.memory_docs, "left_out": left_out})
+    def custom_query(self, query_str: str) -> Response | StreamingResponse:
+        def ask(on_text: Any = None) -> Answer:
+            return ask_any_length(
+                self._index.memory, query_str, docs=self._index.resolve(self.memory_docs), chat=self.chat,
+                max_new_tokens=self.max_new_tokens, num_sources=self.num_sources, answer_mode=self.answer_mode,
+                ranking=self.ranking, on_text=on_text,
+            )
+
+        metadata: dict[str, Any] = {"memory_docs": self.memory_docs}
+        if not self.streaming:
+            answer = ask()
+            metadata["left_out"] = [item.to_dict() for item in answer.left_out]  # damaged documents, skipped
+            return Response(response=answer.text, source_nodes=self._index.nodes(answer.sources, self.ranking),
+                            metadata=metadata)
+        nodes: list[NodeWithScore] = []
+
+        def deltas() -> Iterator[str]:
+            stripped = StrippedDeltas()
+            for item in in_thread(ask):
+                if isinstance(item, Answer):
+                    nodes.extend(self._index.nodes(item.sources, self.ranking))
+                    metadata["left_out"] = [left.to_dict() for left in item.left_out]
+                    return
+                delta = stripped.feed(item)
+                if delta:
+                    yield delta
+
+        return StreamingResponse(response_gen=deltas(), source_nodes=nodes, metadata=metadata)
+
+
+_RETRIEVER_OPTIONS = {"similarity_top_k", "memory_docs", "chat", "ranking", "callback_manager", "verbose"}
+_QUERY_ENGINE_OPTIONS = {"memory_docs", "chat", "max_new_tokens", "num_sources", "similarity_top_k", "answer_mode",
+                         "ranking", "streaming", "callback_manager"}
+# llama-index options that exist elsewhere but mean nothing here, and what to use instead.
+_NOT_APPLICABLE = {
+    "response_mode": "A FoT answer is one generation from memory, not a synthesis over retrieved chunks: choose "
+                     "answer_mode='memory' or 'reread' instead of a response_mode.",
+    "llm": "The index answers with its own model (the one its store recorded); as_llm() gives it as an LLM.",
+    "text_qa_template": "Questions go to the model as they are (chat=True wraps them in the chat template).",
+    "node_postprocessors": "Sources are ranked by memory attention (ranking='lift' or 'attention').",
+}
+
+
+def _check_options(where: str, options: dict[str, Any], accepted: set[str]) -> None:
+    unknown = [name for name in options if name not in accepted]
+    if unknown:
+        hint = next((_NOT_APPLICABLE[name] for name in unknown if name in _NOT_APPLICABLE), "")
+        raise UnknownOptionError(where, unknown, accepted, hint)
 
 
 def _base_name(document: Document) -> str:

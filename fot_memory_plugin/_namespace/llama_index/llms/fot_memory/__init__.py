@@ -5,7 +5,10 @@ package-dir); `llama_index/` and `llama_index/llms/` stay PEP 420 namespace pack
 `__init__.py`, so llama-index-core and every other `llama_index.*` package keep working.
 """
 
+from fot_memory_plugin.integrations.llama_index.agent_memory import FoTDocumentMemoryBlock, document_memory_tool
 from fot_memory_plugin.integrations.llama_index.index import FoTMemoryIndex
 from fot_memory_plugin.integrations.llama_index.llm import FoTMemoryLLM
 
-__all__ = ["FoTMemoryLLM", "FoTMemoryIndex"]
+# Every class [tool.llamahub] lists is importable from this one path (the memory block is also at
+# llama_index.memory.fot_memory).
+__all__ = ["FoTMemoryLLM", "FoTMemoryIndex", "FoTDocumentMemoryBlock", "document_memory_tool"]
