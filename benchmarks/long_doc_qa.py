@@ -317,7 +317,8 @@ def report(folder: Path) -> str:
             top = f"{sum(tops)}/{len(tops)}" if tops else "-"
             ranks = [r["rankings"] for r in chosen if r.get("rankings")]
             if ranks and method.endswith("-memory"):  # the question's own pass, each ranking
-                top += " (" + ", ".join(f"{k}: {sum(r[k] for r in ranks)}" for k in ranks[0]) + ")"
+                labels = [k for k in ranks[0] if all(k in r for r in ranks)]
+                top += " (" + ", ".join(f"{k}: {sum(r[k] for r in ranks)}" for k in labels) + ")"
             devices = [r.get("device", "cuda:0") for r in chosen]
             device = max(set(devices), key=devices.count)  # answers asked again elsewhere keep their first time
             seconds = statistics.mean(r["seconds"] for r in chosen if r.get("device", "cuda:0") == device)
@@ -344,8 +345,9 @@ def plot(folder: Path, out: Path) -> None:
                 chosen = [r[field] for r in rows if r["method"] == method and r["length"] in (length, 0)
                           and r[field] is not None]
                 values.append(sum(chosen) / len(chosen) if chosen else 0)
-            positions = [i + offset * 0.8 / len(lengths) for i in range(len(methods))]
-            axis.barh(positions, values, height=0.8 / len(lengths), label=f"~{length // 1024}k tokens")
+            height = 0.8 / len(lengths)
+            positions = [i + (offset - (len(lengths) - 1) / 2) * height for i in range(len(methods))]  # centred
+            axis.barh(positions, values, height=height, label=f"~{length // 1024}k tokens")
         axis.set_title(title)
         axis.set_xlim(0, 1)
         axis.set_yticks(range(len(methods)), [_label(m) for m in methods], fontsize=8)

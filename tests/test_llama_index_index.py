@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from llama_index.core.base.response.schema import Response
 from llama_index.core.query_engine import CustomQueryEngine
 from llama_index.core.retrievers import BaseRetriever
@@ -76,17 +77,22 @@ def test_retriever_returns_the_passages_that_draw_memory_attention(store_dir, li
         assert node.relationships[NodeRelationship.SOURCE].node_id == ids[node.metadata["doc_id"]]
 
 
-def test_query_engine_answers_with_source_nodes_in_the_right_document(store_dir, library):
+@pytest.mark.parametrize("answer_mode", ["memory", "reread"])
+def test_query_engine_answers_with_source_nodes_in_the_right_document(store_dir, library, answer_mode):
     texts = _texts(library)
     with FoTMemoryIndex.from_persist_dir(store_dir, readonly=True) as index:
-        engine = index.as_query_engine(memory_docs=["chapter1.txt"], max_new_tokens=6)
+        engine = index.as_query_engine(memory_docs=["chapter1.txt"], max_new_tokens=6, answer_mode=answer_mode)
         assert isinstance(engine, CustomQueryEngine)
         response = engine.query(QUESTION)
-        expected = index.memory.ask(QUESTION, docs=["chapter1.txt"], chat=False, max_new_tokens=6)
-        by_ref_id = index.as_query_engine(memory_docs=[str(library / "chapter1.txt")], max_new_tokens=6).query(QUESTION)
+        expected = index.memory.ask(QUESTION, docs=["chapter1.txt"], chat=False, max_new_tokens=6,
+                                    answer_mode=answer_mode)
+        by_ref_id = index.as_query_engine(memory_docs=[str(library / "chapter1.txt")], max_new_tokens=6,
+                                          answer_mode=answer_mode).query(QUESTION)
     assert isinstance(response, Response) and response.response == expected.text
     assert by_ref_id.response == expected.text  # documents are chosen by name, store id or llama-index id
-    assert len(response.source_nodes) == 3
+    # memory: the 3 passages that drew most attention; reread: the passages it placed (the tiny
+    # model's 64-token window has room for one beside the question)
+    assert len(response.source_nodes) == (3 if answer_mode == "memory" else len(expected.sources)) >= 1
     for found in response.source_nodes:
         node = found.node
         assert node.metadata["file_name"] == "chapter1.txt"
@@ -95,8 +101,8 @@ def test_query_engine_answers_with_source_nodes_in_the_right_document(store_dir,
 
 
 def test_reopened_in_a_new_process_it_answers_the_same(store_dir):
-    code = (
-        "import json, sys\n"
+    code = (  # the same torch thread count: float sums in another order can swap near-tied passages
+        f"import json, sys, torch; torch.set_num_threads({torch.get_num_threads()})\n"
         "from fot_memory_plugin.integrations.llama_index.index import FoTMemoryIndex\n"
         "with FoTMemoryIndex.from_persist_dir(sys.argv[1], readonly=True) as index:\n"
         "    r = index.as_query_engine(max_new_tokens=6).query(sys.argv[2])\n"
