@@ -331,9 +331,9 @@ class DocumentMemory:
         "reread" first finds the passages the question draws memory attention to, puts their
         text (document order, as many as fit the local context beside the question and the
         answer) before the question, then generates with memory still attached; its sources are
-        those passages. ranking: "lift" ranks passages by the attention the question gives them
-        beyond a question-independent probe (attention sinks drop out), "attention" by plain
-        share. exact=True scans every stored key instead of searching the hnswlib indexes: the
+        those passages, then the next-ranked ones up to num_sources. ranking: "lift" ranks
+        passages by the attention the question gives them beyond a question-independent probe
+        (attention sinks drop out), "attention" by plain share. exact=True scans every stored key instead of searching the hnswlib indexes: the
         reference, slower on large stores. A damaged document is left out (with a warning, and
         listed in `Answer.left_out`) unless `docs` names it, which raises CorruptDocumentError.
         Everything the answer needs is opened before generating, so a document forgotten by
@@ -350,7 +350,9 @@ class DocumentMemory:
                 logger.warning("no passage fits the local context beside the question: answering from memory alone")
             with self._attending(records, exact):
                 text = self._generate(prompt, max_new_tokens, on_text, generate_options)
-            return Answer(text, [_source(item, by_id) for item in (chosen or ranked)[:num_sources]], left_out)
+            # the placed passages first, then (memory is still attached) the next-ranked ones
+            cited = chosen + [item for item in ranked if item not in chosen]
+            return Answer(text, [_source(item, by_id) for item in cited[:num_sources]], left_out)
         with self._attending(records, exact) as (memories, attention):
             text = self._generate(prompt, max_new_tokens, on_text, generate_options)
         ranked = self._rank(memories, attention, records, chat, exact, ranking)
