@@ -47,4 +47,4 @@ def test_readme_agent_blocks_run_as_written(smollm2, capsys, monkeypatch, tmp_pa
     assert "[('monday', 1, " in printed
     assert "[conversation monday, turn 1, user] user: I left my bicycle at the north gate, locked with the code 7316." in printed
     answer, source = printed.strip().splitlines()[-1].split(" | ")
-    assert "7316" in answer and source.startswith("user: I left my bicycle")
+    assert "7316" in answer and "7316" in source  # the first source is a turn that holds the code
