@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -166,8 +167,6 @@ def overlaps(span: tuple[int, int], other: tuple[int, int]) -> bool:
 
 def read_into(memory, haystacks: list[Haystack], retrieve: bool) -> float:
     """Read every haystack not yet in the DocumentMemory's store; returns the seconds spent."""
-    import time
-
     started = time.perf_counter()
     for haystack in haystacks:
         memory.read_text(haystack.text, name=haystack.name, retrieve=retrieve)

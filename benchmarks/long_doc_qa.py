@@ -198,15 +198,13 @@ def _plain_answer(engine, text: str, chat: bool, max_new_tokens: int) -> str:
 
 
 def run_rag(args: argparse.Namespace, spec: dict, cues: list[hs.Cue], engine) -> None:
-    from llama_index.core import Document, VectorStoreIndex
+    from llama_index.core import Document, Settings, VectorStoreIndex
     from llama_index.core.node_parser import SentenceSplitter
     from llama_index.core.prompts.default_prompts import DEFAULT_TEXT_QA_PROMPT_TMPL
     from llama_index.core.schema import MetadataMode
     from llama_index.core.vector_stores import MetadataFilter, MetadataFilters
 
     from fot_memory_plugin.integrations.llama_index.embeddings import MiniLMEmbedding
-
-    from llama_index.core import Settings
 
     results = Results(args.results, "rag")
     embed = MiniLMEmbedding()
@@ -320,7 +318,8 @@ def report(folder: Path) -> str:
                 labels = [k for k in ranks[0] if all(k in r for r in ranks)]
                 top += " (" + ", ".join(f"{k}: {sum(r[k] for r in ranks)}" for k in labels) + ")"
             devices = [r.get("device", "cuda:0") for r in chosen]
-            device = max(set(devices), key=devices.count)  # answers asked again elsewhere keep their first time
+            # answers asked again elsewhere keep their first time; a tie goes to the GPU rows
+            device = max(sorted(set(devices)), key=lambda d: (devices.count(d), d != "cpu"))
             seconds = statistics.mean(r["seconds"] for r in chosen if r.get("device", "cuda:0") == device)
             lines.append(f"| {_label(method)} | {right('completion')} | {right('question')} | {right(None)} | "
                          f"{top} | {seconds:.2f} | {_one_off(method, length, setup)} |")

@@ -377,7 +377,7 @@ class DocumentMemory:
         for calibrating voting heads. Returns (labels: (layer, head) per row; per document an
         (H, C) array of attention sums under the question; the same under the probe)."""
         records, _, prompt = self._records_and_prompt(question, docs, chat)
-        probe = self.engine.chat_prompt(BASELINE_PROBE) if chat else self.engine.encode(BASELINE_PROBE)
+        probe = self._prompt(BASELINE_PROBE, chat)
         results = []
         for ids in (prompt, probe):
             with self._attending(records, exact, per_head=True) as (memories, attention), torch.no_grad():
@@ -411,7 +411,7 @@ class DocumentMemory:
         voting = None if self.voting_heads is None else tuple(sorted(self.voting_heads.heads.items()))
         key = (tuple(record.id for record in records), chat, exact, voting)
         if key not in self._baselines:
-            probe = self.engine.chat_prompt(BASELINE_PROBE) if chat else self.engine.encode(BASELINE_PROBE)
+            probe = self._prompt(BASELINE_PROBE, chat)
             with self._attending(records, exact) as (memories, attention), torch.no_grad():
                 self.engine.model(input_ids=probe, attention_mask=torch.ones_like(probe), use_cache=False)
             memory = next(iter(memories.values()))
@@ -423,16 +423,20 @@ class DocumentMemory:
                        max_new_tokens: int) -> tuple[list[ScoredChunk], torch.Tensor]:
         """(the passages placed, best first; the prompt: their text in document order, a blank
         line, the question), within the local context less the question's and answer's tokens."""
-        prompt = self.engine.chat_prompt(question) if chat else self.engine.encode(question)
+        prompt = self._prompt(question, chat)
         budget = self.engine.config.context_length - prompt.shape[1] - max_new_tokens
         chosen = choose_passages(ranked, budget)
         while True:
             text = passage_text(chosen, [record.id for record in records])
             content = f"{text}\n\n{question}" if text else question
-            full = self.engine.chat_prompt(content) if chat else self.engine.encode(content)
+            full = self._prompt(content, chat)
             if full.shape[1] + max_new_tokens <= self.engine.config.context_length or not chosen:
                 return chosen, full
             chosen = chosen[:-1]  # re-encoded text can be a few tokens longer than its chunks
+
+    def _prompt(self, text: str, chat: bool) -> torch.Tensor:
+        """Token ids (1, N) of `text`, in the chat template or as plain text to complete."""
+        return self.engine.chat_prompt(text) if chat else self.engine.encode(text)
 
     def _records_and_prompt(
         self, question: str, docs: Sequence[str] | None, chat: bool
@@ -441,7 +445,7 @@ class DocumentMemory:
         if not records:
             raise NoDocumentsError(f"The store at {self.store.path} holds no documents: read one first.")
         records, left_out = self._usable(records, named=bool(docs))
-        prompt = self.engine.chat_prompt(question) if chat else self.engine.encode(question)
+        prompt = self._prompt(question, chat)
         if prompt.shape[1] > self.engine.config.context_length:
             raise QuestionTooLongError(
                 f"The question is {prompt.shape[1]} tokens; at most {self.engine.config.context_length} fit "
