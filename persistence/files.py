@@ -26,6 +26,7 @@ __all__ = [
     "StoreLayout",
     "kv_filename",
     "index_filename",
+    "clusters_filename",
     "extras_filename",
     "fsync_file",
     "fsync_dir",
@@ -118,6 +119,11 @@ def kv_filename(layer: int) -> str:
 def index_filename(layer: int, head: int) -> str:
     """The hnswlib index over the keys of one KV head of one layer; label = token index."""
     return f"layer{layer}.h{head}.hnsw"
+
+
+def clusters_filename(layer: int) -> str:
+    """The cluster index of one layer (all KV heads): centroids, tokens by cluster, window starts."""
+    return f"layer{layer}.clusters.npz"
 
 
 def extras_filename(layer: int, head: int) -> str:

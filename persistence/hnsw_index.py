@@ -49,7 +49,9 @@ import torch  # before hnswlib: the other order segfaults with torch 2.11 (the G
 
 import hnswlib  # noqa: I001
 
-__all__ = ["IndexParams", "IndexBuilder", "HnswIndex", "IndexExtras", "default_ef", "num_threads"]
+from fot_memory_plugin.core.config import DEFAULT_INDEX, INDEX_KINDS
+
+__all__ = ["INDEX_KINDS", "IndexParams", "IndexBuilder", "HnswIndex", "IndexExtras", "default_ef", "num_threads"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,19 @@ _PARALLEL_QUERIES = 32  # knn_query calls with at least this many queries use ev
 @dataclass(frozen=True)
 class IndexParams:
     """How a document's indexes are built, recorded per document."""
+
+    # "clusters": k-means clusters of each KV head's keys, the best share of them ranked exactly
+    # (cluster_index.py; ~13 B per token per layer, built at commit). "hnsw": an hnswlib graph
+    # over every key of each KV head (this module; ~1.1 KB per token per layer, built while
+    # reading). Measured against each other in benchmarks/README.md ("Cluster index").
+    kind: str = DEFAULT_INDEX
+    # Cluster index: tokens per cluster (at most max_clusters clusters), k-means iterations and
+    # the keys they run on. On a whole novel's asked queries (recall@32 at probe 0.05, build s per
+    # layer): 65,536 keys x 8 iterations 0.972, 19.7 s; 32,768 x 6 0.967, 10.0 s; 16,384 x 4 0.957, 6.6 s.
+    cluster_size: int = 64
+    max_clusters: int = 4096
+    kmeans_iterations: int = 6
+    kmeans_sample: int = 32768
 
     # Graph degree. M=32 gained +0.02-0.04 recall over 16 on real keys at 1.5-2x the search time
     # and index size; 16 with the fixes in this module's docstring is above 0.95 already.
@@ -84,6 +99,12 @@ class IndexParams:
     exact_window_starts: bool = True
 
     def __post_init__(self) -> None:
+        if self.kind not in INDEX_KINDS:
+            raise ValueError(f"IndexParams.kind must be one of {INDEX_KINDS}, got {self.kind!r}.")
+        for name in ("cluster_size", "max_clusters", "kmeans_iterations", "kmeans_sample"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"IndexParams.{name} must be a positive int, got {value!r}.")
         if self.M < 2 or self.ef_construction < 1:
             raise ValueError(f"IndexParams needs M >= 2 and ef_construction >= 1, got {self}.")
         if not 0.0 <= self.exact_fraction < 1.0 or self.calibration_tokens < 1:

@@ -1,6 +1,6 @@
 """PersistentMemory: one memory layer over some stored documents, with the core's search contract.
 
-Each document is searched on its own (its hnswlib index per KV head, or an exact scan of its
+Each document is searched on its own (its hnswlib index or cluster index per KV head, or an exact scan of its
 memory-mapped keys), the per-document candidates are re-scored by the exact inner product with
 their stored keys, and one global top-k is taken over all of them. Token ids are global:
 `offset of the document + token index in it`, in the order of `doc_ids`; `locate` maps them back.
@@ -16,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .cluster_index import ClusterHeadIndex, ClusterSearch
 from .hnsw_index import HnswIndex, default_ef
 from .kvfile import rows_float32
 
@@ -52,7 +53,7 @@ class DocumentLayer:
     name: str
     kv: np.ndarray  # (N, 2, Hkv, D) memory-mapped, storage dtype
     dtype: str
-    indexes: list[HnswIndex] | None  # one per KV head; None when only exact search is needed
+    indexes: list[HnswIndex] | list[ClusterHeadIndex] | None  # one per KV head; None: exact search only
 
     @property
     def num_tokens(self) -> int:
@@ -115,8 +116,10 @@ class PersistentMemory:
         ef: int | None = None,
         exact: bool = False,
         exact_below: int = DEFAULT_EXACT_BELOW,
+        cluster_search: ClusterSearch | None = None,
     ) -> None:
         self.layer = layer
+        self.cluster_search = cluster_search or ClusterSearch()
         self.kv_heads = kv_heads
         self.head_dim = head_dim
         self.ef = ef
@@ -229,6 +232,9 @@ class PersistentMemory:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact scores and local token ids (R, k) of one document's candidates, best first."""
         use_index = part.indexes is not None and not self.exact and part.num_tokens >= self.exact_below
+        if use_index and isinstance(part.indexes[head], ClusterHeadIndex):
+            return part.indexes[head].search(queries, k, self.cluster_search,
+                                             lambda ids: _gather_keys(part.kv, head, part.dtype, ids))
         if use_index:
             ef = self.ef if self.ef is not None else default_ef(k)
             found = part.indexes[head].search(

@@ -5,8 +5,9 @@ STORE/
   memory.sqlite                  documents, chunks, meta (format version, model fingerprint)
   store.lock                     writer lock: one document write or forget at a time
   docs/<doc_id>/layer<L>.kv      keys and values of memory layer L (see kvfile.py)
-  docs/<doc_id>/layer<L>.h<H>.hnsw   hnswlib index over the keys of KV head H (see hnsw_index.py)
-  docs/<doc_id>/layer<L>.h<H>.extra.npz   its exact-list tokens, collapsed duplicates and centre
+  docs/<doc_id>/layer<L>.clusters.npz   cluster index of layer L (see cluster_index.py)
+  docs/<doc_id>/layer<L>.h<H>.hnsw   or an hnswlib index over the keys of KV head H (see hnsw_index.py)
+  docs/<doc_id>/layer<L>.h<H>.extra.npz   and its exact-list tokens, collapsed duplicates and centre
   docs/<doc_id>/manifest.json    its record and chunks: what `repair` rebuilds the database from
   tmp/<doc_id>/                  documents being written (with a writer marker)
   lost+found/                    directories `repair` could not account for (never deleted)
@@ -29,6 +30,7 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,9 +51,11 @@ from .errors import (
     StoreVersionError,
 )
 from .faults import check_store_path, free_bytes, translated
+from .cluster_index import ClusterIndex, ClusterSearch
 from .files import (
     MANIFEST_NAME,
     StoreLayout,
+    clusters_filename,
     crc32_file,
     extras_filename,
     index_filename,
@@ -344,6 +348,7 @@ class MemoryStore:
         index_params: IndexParams | None = None,
         threads: int = 1,
         expected_bytes: int | None = None,
+        index_device: str | None = None,
     ) -> DocumentWriter:
         """Start writing a document; returns a DocumentWriter holding the writer lock.
 
@@ -351,7 +356,8 @@ class MemoryStore:
         stored keys and values ("float16", "float32" or "bfloat16"). force: replace a document
         of the same name (atomically, at commit). threads: background threads writing and
         indexing (each takes some of the files and (layer, KV head) indexes): 1 beside a model
-        computing on the CPU, more when it runs on a GPU. expected_bytes: the document's size on
+        computing on the CPU, more when it runs on a GPU. index_device: where cluster indexes are
+        computed at commit (a torch device; default the CPU). expected_bytes: the document's size on
         disk if known (`estimate_document_bytes`), for the message of a StoreDiskFullError. Raises StoreLockedError after
         lock_timeout seconds if another writer is active, DuplicateDocumentError (at commit too)
         without force.
@@ -381,7 +387,7 @@ class MemoryStore:
                     source_path=None if source_path is None else str(source_path), sha256=sha256,
                     text_length=text_length, metadata=metadata, dtype=dtype,
                     index_params=index_params or IndexParams(), fingerprint=self.fingerprint, force=force,
-                    threads=threads, expected_bytes=expected_bytes,
+                    threads=threads, expected_bytes=expected_bytes, index_device=index_device,
                 )
         except BaseException:
             lock.release()
@@ -551,15 +557,26 @@ class MemoryStore:
         """Split documents into those whose files all check out (sizes, and checksums as `verify`
         mode says; every index too, even of documents searched exactly) and {id: problem} of
         the damaged ones, so a question over many documents can leave the damaged out."""
+        def problem(job: tuple[DocumentRecord, str]) -> str | None:
+            record, file_name = job
+            checksum = self.verify_mode == "full" or _always_checksummed(file_name)
+            try:
+                self._check_file(record, file_name, checksum=checksum)
+            except CorruptDocumentError as error:
+                return error.problem
+            return None
+
+        jobs = [(record, file_name) for record in records for file_name in record.files]
+        # Checksums on every core (zlib releases the GIL): a 1M-token 5-layer store is 3.8 GB of .kv.
+        with ThreadPoolExecutor(max_workers=max(1, min(num_threads(), len(jobs)))) as pool:
+            problems = list(pool.map(problem, jobs))
         good, damaged = [], {}
         for record in records:
-            try:
-                for file_name in record.files:
-                    checksum = self.verify_mode == "full" or file_name.endswith(".hnsw")
-                    self._check_file(record, file_name, checksum=checksum)
+            found = [found for (owner, _), found in zip(jobs, problems) if owner is record and found is not None]
+            if found:
+                damaged[record.id] = found[0]
+            else:
                 good.append(record)
-            except CorruptDocumentError as error:
-                damaged[record.id] = error.problem
         return good, damaged
 
     def _check_file(self, record: DocumentRecord, file_name: str, *, checksum: bool) -> Path:
@@ -593,10 +610,12 @@ class MemoryStore:
         ef: int | None = None,
         exact: bool = False,
         exact_below: int = DEFAULT_EXACT_BELOW,
+        cluster_search: ClusterSearch | None = None,
     ) -> PersistentMemory:
         """A searchable memory of one layer over some documents (ids or names; None = all ready ones).
 
-        ef: hnswlib search breadth (default `default_ef(k)`, always >= k). exact: scan every key instead of
+        ef: hnswlib search breadth (default `default_ef(k)`, always >= k). cluster_search: how documents
+        with cluster indexes are searched (default ClusterSearch(): 5% of the clusters per query). exact: scan every key instead of
         using the indexes (the reference path). exact_below: documents shorter than this many
         tokens are scanned exactly anyway (faster there). A damaged document raises
         CorruptDocumentError naming it; a memory over the other documents still works.
@@ -613,7 +632,7 @@ class MemoryStore:
                  for record in records]
         kv_heads, head_dim = self._shape_of(records)
         return PersistentMemory(layer, parts, kv_heads=kv_heads, head_dim=head_dim, ef=ef, exact=exact,
-                                exact_below=exact_below)
+                                exact_below=exact_below, cluster_search=cluster_search)
 
     def _shape_of(self, records: list[DocumentRecord]) -> tuple[int | None, int | None]:
         """(Hkv, D) shared by the documents, else as the fingerprint says (None if unknown)."""
@@ -640,9 +659,20 @@ class MemoryStore:
                 kv = open_kv(path, record.num_tokens, record.kv_heads, record.head_dim, record.dtype)
                 part = DocumentLayer(record.id, record.name, kv, record.dtype, None)
             if need_index and part.indexes is None:
-                part.indexes = [self._load_index(record, layer, head) for head in range(record.kv_heads)]
+                if index_kind(record) == "clusters":
+                    clusters = self._load_clusters(record, layer)
+                    part.indexes = [clusters.head(head) for head in range(record.kv_heads)]
+                else:
+                    part.indexes = [self._load_index(record, layer, head) for head in range(record.kv_heads)]
             self._loaded[(record.id, layer)] = part
             return part
+
+    def _load_clusters(self, record: DocumentRecord, layer: int) -> ClusterIndex:
+        path = self._check_file(record, clusters_filename(layer), checksum=True)  # small: always checked
+        try:
+            return ClusterIndex.load(path, record.num_tokens, record.kv_heads, record.head_dim)
+        except (ValueError, KeyError, OSError, EOFError) as error:
+            raise CorruptDocumentError(record.id, record.name, f"{path.name} cannot be loaded ({error})") from error
 
     def _load_index(self, record: DocumentRecord, layer: int, head: int) -> HnswIndex:
         path = self._check_file(record, index_filename(layer, head), checksum=True)
@@ -680,6 +710,17 @@ class _Releaser:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+def index_kind(record: DocumentRecord) -> str:
+    """"clusters" or "hnsw": how a document's keys are indexed (documents before cluster indexes: hnsw)."""
+    return record.index_params.get("kind", "hnsw")
+
+
+def _always_checksummed(file_name: str) -> bool:
+    """Index files are checksummed before use even in "size" mode: hnswlib can crash on a damaged
+    graph, and cluster indexes are small."""
+    return file_name.endswith((".hnsw", ".clusters.npz"))
 
 
 def _tree_bytes(paths: Sequence[Path]) -> int:

@@ -1,15 +1,16 @@
 """DocumentWriter: streams one document's keys and values to disk, then publishes it atomically.
 
 While the document is read, background threads (one by default; more when the model does not
-need the CPU) write each appended window to the `.kv` files and insert its keys into the
-hnswlib indexes (hnswlib releases the GIL), so disk writes and index building overlap the
-model's compute; `append` only converts and queues. Nothing searches these indexes while they
-grow (reading retrieves from the engine's in-RAM memory).
+need the CPU) write each appended window to the `.kv` files and, for hnswlib indexes, insert
+its keys into the graphs (hnswlib releases the GIL), so disk writes and index building overlap
+the model's compute; `append` only converts and queues. Nothing searches these indexes while
+they grow (reading retrieves from the engine's in-RAM memory). Cluster indexes are computed
+from the finished `.kv` files at commit (k-means per (layer, KV head)).
 
 Order of a commit (each step survives a crash of the step after it):
   1. the queue drained; `.kv` files closed and fsynced in tmp/<doc_id>/
-  2. hnswlib indexes finished and saved with their extras (each file's size checked: hnswlib
-     does not report a failed write), fsynced
+  2. indexes finished and saved (hnswlib graphs with their extras, each file's size checked:
+     hnswlib does not report a failed write; or cluster indexes), fsynced
   3. the manifest (record and chunks, for `repair`) written and fsynced
   4. docs/<doc_id> recorded as 'write' pending (committed); the temp directory renamed to
      docs/<doc_id>/, docs/ fsynced
@@ -44,6 +45,7 @@ from .faults import as_store_error, free_bytes
 from .files import (
     WRITER_MARKER,
     StoreLayout,
+    clusters_filename,
     crc32_file,
     extras_filename,
     fsync_dir,
@@ -52,8 +54,9 @@ from .files import (
     kv_filename,
     remove_tree,
 )
+from .cluster_index import build_cluster_index
 from .hnsw_index import IndexBuilder, IndexParams
-from .kvfile import KVFileWriter, kv_file_size, to_storage
+from .kvfile import KVFileWriter, kv_file_size, open_kv, to_storage
 from .manifest import Manifest, write_manifest
 from .metadata import FORMAT_VERSION, DocumentRecord, Metadata
 
@@ -80,13 +83,26 @@ _QUEUED_JOBS = 256
 
 
 def estimate_document_bytes(num_tokens: int, *, layers: int, kv_heads: int, head_dim: int, dtype: str,
-                            M: int = IndexParams().M) -> int:
-    """About how many bytes a document takes on disk: its `.kv` files plus hnswlib graphs (per
-    key: level-0 links (2M + 1 ints), the key plus one coordinate, its label; upper levels add
-    about 1/M of that again). Chunks and extras are small beside these."""
-    per_key = (2 * M + 1) * 4 + (head_dim + 1) * 4 + 8
-    graph = int(num_tokens * kv_heads * per_key * (1 + 1 / M))
-    return layers * (kv_file_size(num_tokens, kv_heads, head_dim, dtype) + graph)
+                            M: int = IndexParams().M, kind: str = IndexParams().kind,
+                            cluster_size: int = IndexParams().cluster_size) -> int:
+    """About how many bytes a document takes on disk: its `.kv` files plus its indexes: hnswlib
+    graphs (per key: level-0 links (2M + 1 ints), the key plus one coordinate, its label; upper
+    levels add about 1/M of that again) or cluster indexes (a 4-byte token id per key, a float16
+    centroid per cluster). Chunks and extras are small beside these."""
+    if kind == "clusters":
+        index = num_tokens * kv_heads * (4 + 2 * head_dim // cluster_size + 1)
+    else:
+        per_key = (2 * M + 1) * 4 + (head_dim + 1) * 4 + 8
+        index = int(num_tokens * kv_heads * per_key * (1 + 1 / M))
+    return layers * (kv_file_size(num_tokens, kv_heads, head_dim, dtype) + index)
+
+
+_SPACES = {  # recorded with each document: how its index ranks keys
+    "hnsw": "l2 over centred keys + sqrt(B^2 - |k - mu|^2); beyond B exact; duplicates collapsed; "
+            "window starts exact",
+    "clusters": "k-means (L2) clusters of centred keys ranked by inner product with their centroids, "
+                "exact inner product inside the chosen clusters; window starts exact",
+}
 
 
 class _Background:
@@ -212,10 +228,12 @@ class DocumentWriter:
         force: bool,
         threads: int = 1,
         expected_bytes: int | None = None,
+        index_device: str | None = None,
     ) -> None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be an int >= 1, got {threads!r}.")
         self._fingerprint, self._expected_bytes = fingerprint, expected_bytes
+        self._index_device = index_device or "cpu"
         self._layout, self._meta, self._release_lock = layout, meta, release_lock
         self.name, self.source_path, self.sha256 = name, source_path, sha256
         self.text_length, self.metadata, self.dtype = text_length, metadata, dtype
@@ -224,7 +242,8 @@ class DocumentWriter:
         self._kv_heads: int | None = fingerprint.get("num_kv_heads")
         self._head_dim: int | None = fingerprint.get("head_dim")
         self._files: dict[int, KVFileWriter] = {}
-        self._builders: dict[int, list[IndexBuilder]] = {}  # per layer, one per KV head
+        self._builders: dict[int, list[IndexBuilder]] = {}  # per layer, one per KV head (hnswlib)
+        self._window_starts: dict[int, list[int]] = {}  # per layer: first token of each append
         self._counts: dict[int, int] = {}  # tokens appended per layer (queued ones included)
         self._chunks: list[ChunkSpan] = []
         self._state = "open"  # -> "committed" | "aborted"
@@ -280,13 +299,16 @@ class DocumentWriter:
             path = self._tmp / kv_filename(layer)
             self._files[layer] = KVFileWriter(path, kv_heads, head_dim, self.dtype)
             self._layout.restrict(path)
-            self._builders[layer] = [IndexBuilder(head_dim, self.index_params) for _ in range(kv_heads)]
+            if self.index_params.kind == "hnsw":
+                self._builders[layer] = [IndexBuilder(head_dim, self.index_params) for _ in range(kv_heads)]
+            self._window_starts[layer] = []
             self._counts[layer] = 0
+        self._window_starts[layer].append(self._counts[layer])
         self._counts[layer] += length
         # Converted here (a private copy: the caller may reuse its tensors), written and indexed
         # by the background thread.
         stored_keys, stored_values = (np.array(to_storage(array, self.dtype)) for array in (keys, values))
-        file, builders = self._files[layer], self._builders[layer]
+        file, builders = self._files[layer], self._builders.get(layer, [])
 
         # The file goes with the first head's index (a cheap write: lanes balance by indexes).
         self._background.submit((layer, 0), lambda: file.append(stored_keys, stored_values))
@@ -374,7 +396,8 @@ class DocumentWriter:
         if self._expected_bytes:
             return self._expected_bytes
         return estimate_document_bytes(self.num_tokens, layers=len(self._files) or 1, kv_heads=self._kv_heads or 1,
-                                       head_dim=self._head_dim or 1, dtype=self.dtype, M=self.index_params.M)
+                                       head_dim=self._head_dim or 1, dtype=self.dtype, M=self.index_params.M,
+                                       kind=self.index_params.kind, cluster_size=self.index_params.cluster_size)
 
     def _finish_kv_files(self) -> dict[str, dict[str, Any]]:
         files: dict[str, dict[str, Any]] = {}
@@ -387,6 +410,8 @@ class DocumentWriter:
     def _save_indexes(self, files: dict[str, dict[str, Any]]) -> dict[str, dict[str, list]]:
         """Finish, save and fsync each (layer, KV head) index and its extras; returns per layer
         the norm bounds, exact-list sizes and collapsed duplicates (for the record)."""
+        if self.index_params.kind == "clusters":
+            return self._save_cluster_indexes(files)
         summary: dict[str, dict[str, list]] = {}
         for layer in sorted(self._builders):
             builders = self._builders.pop(layer)  # each graph is freed once saved
@@ -407,6 +432,24 @@ class DocumentWriter:
                 summary[str(layer)]["duplicates"].append(len(extras.dup_ids))
         return summary
 
+    def _save_cluster_indexes(self, files: dict[str, dict[str, Any]]) -> dict[str, dict[str, list]]:
+        """Compute, save and fsync each layer's cluster index from its finished `.kv` file."""
+        params, summary = self.index_params, {}
+        for layer, writer in sorted(self._files.items()):
+            kv = open_kv(writer.path, writer.num_tokens, writer.kv_heads, writer.head_dim, self.dtype)
+            cluster_size = max(params.cluster_size, -(-writer.num_tokens // params.max_clusters))
+            index = build_cluster_index(kv, self.dtype, np.asarray(self._window_starts[layer]),
+                                        cluster_size=cluster_size, iterations=params.kmeans_iterations,
+                                        sample=params.kmeans_sample, seed=params.seed, device=self._index_device)
+            del kv
+            path = self._tmp / clusters_filename(layer)
+            index.save(path)
+            self._layout.restrict(path)
+            fsync_file(path)
+            files[path.name] = {"size": path.stat().st_size, "crc32": crc32_file(path)}
+            summary[str(layer)] = {"clusters": [index.num_clusters], "window_starts": [len(index.starts)]}
+        return summary
+
     def _check_saved(self, path: Path, expected_size: int) -> None:
         """hnswlib writes through a C++ stream that ignores write errors: a short file means the
         disk filled up (or a file-size limit was hit)."""
@@ -424,9 +467,7 @@ class DocumentWriter:
             num_tokens=num_tokens, created=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
             metadata=self.metadata, text_length=self.text_length, dtype=self.dtype,
             kv_heads=self._kv_heads, head_dim=self._head_dim, layers=tuple(sorted(self._files)),
-            index_params={**self.index_params.to_dict(),
-                          "space": "l2 over centred keys + sqrt(B^2 - |k - mu|^2); beyond B exact; "
-                                   "duplicates collapsed; window starts exact",
+            index_params={**self.index_params.to_dict(), "space": _SPACES[self.index_params.kind],
                           "layers": summary},
             files=files,
         )

@@ -138,7 +138,7 @@ def _write_with_file_size_limit(path: Path, limit: int, tokens: int, graph_degre
             "from fot_memory_plugin.persistence import IndexParams, MemoryStore, StoreDiskFullError\n"
             "with MemoryStore.open(sys.argv[1], fingerprint=synth.fingerprint()) as store:\n"
             "    try:\n"
-            "        synth.write_document(store, 'victim', 9, int(sys.argv[2]), index_params=IndexParams(M=int(sys.argv[3])))\n"
+            "        synth.write_document(store, 'victim', 9, int(sys.argv[2]), index_params=IndexParams(kind=\"hnsw\", M=int(sys.argv[3])))\n"
             "    except StoreDiskFullError as error:\n"
             "        print(error); sys.exit(3)\n")
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))}

@@ -14,6 +14,8 @@ from fot_memory_plugin.persistence import FORMAT_VERSION, IndexParams, MemorySto
 from fot_memory_plugin.persistence.hnsw_index import HnswIndex, IndexBuilder
 from fot_memory_plugin.persistence.memory import DocumentLayer, PersistentMemory
 
+HNSW = IndexParams(kind="hnsw")  # this file tests the hnswlib index
+
 K = 128
 TOKENS = 6000
 
@@ -61,7 +63,7 @@ def test_exact_matches_numpy_brute_force(store_path):
 def test_failed_hnsw_search_falls_back_to_exact_results(caplog):
     keys, values = synth.doc_arrays(3, 300, 0, kv_heads=1)
     kv = np.ascontiguousarray(np.stack([keys, values], axis=0).transpose(2, 0, 1, 3))  # (N, 2, Hkv, D)
-    builder = IndexBuilder(64, IndexParams())
+    builder = IndexBuilder(64, HNSW)
     builder.add(kv[:, 0, 0])
     index, extras = builder.finish()
     for label in index.get_ids_list()[10:]:  # deleted keys leave hnswlib unable to return k results
@@ -89,7 +91,7 @@ def test_identical_keys_are_collapsed_in_the_index_and_restored_in_results(tmp_p
     keys = vocabulary_keys[:, tokens]  # (Hkv, N, D)
     values = rng.standard_normal(keys.shape).astype(np.float32)
     with MemoryStore.open(tmp_path, fingerprint=synth.fingerprint(mem_layers=[0])) as store:
-        with store.begin_document("repeats", sha256="r", text_length=1) as writer:
+        with store.begin_document("repeats", sha256="r", text_length=1, index_params=HNSW) as writer:
             for start in range(0, 3000, 512):
                 writer.append(0, keys[:, start : start + 512], values[:, start : start + 512])
         layers = writer.record.index_params["layers"]["0"]
@@ -110,7 +112,7 @@ def test_keys_with_outlying_norms_are_scored_exactly(tmp_path):
     outliers = [100, 1500, 2999]
     keys[:, outliers] *= 6.0
     with MemoryStore.open(tmp_path, fingerprint=synth.fingerprint(mem_layers=[0])) as store:
-        with store.begin_document("outliers", sha256="o", text_length=1) as writer:
+        with store.begin_document("outliers", sha256="o", text_length=1, index_params=HNSW) as writer:
             writer.append(0, keys, values)
         # 1% of the 2999 keys after the window's first (itself exact too), so 30 + 1.
         assert writer.record.index_params["layers"]["0"]["exact_keys"] == [31] * synth.KV_HEADS
@@ -193,7 +195,7 @@ def test_recall_on_real_smollm2_queries_and_keys_of_a_real_book(model_fixture, r
     finally:
         engine.close()
     with MemoryStore.open(tmp_path, fingerprint=synth.fingerprint(mem_layers=list(layers))) as store:
-        with store.begin_document("persuasion", sha256="p", text_length=1) as writer:
+        with store.begin_document("persuasion", sha256="p", text_length=1, index_params=HNSW) as writer:
             for window in range(len(captured[layers[0]])):
                 for layer in layers:
                     keys, values = captured[layer][window]
@@ -232,7 +234,7 @@ def test_keys_above_the_documents_own_norm_quantile_leave_the_graph_for_the_exac
     keys[:, :1024] *= 1.3
     with MemoryStore.open(tmp_path, fingerprint=synth.fingerprint(mem_layers=[0])) as store:
         with store.begin_document("drift", sha256="d", text_length=1,
-                                  index_params=IndexParams(calibration_tokens=1024)) as writer:
+                                  index_params=IndexParams(kind="hnsw", calibration_tokens=1024)) as writer:
             for start in range(0, 6000, 512):
                 writer.append(0, keys[:, start : start + 512], values[:, start : start + 512])
         # 1% of the keys, plus the first key of each of the 12 windows.
@@ -257,7 +259,7 @@ def test_the_first_key_of_every_window_is_scored_exactly(tmp_path):
     keys[:, starts] = sink + 0.01 * keys[:, starts]
     with MemoryStore.open(tmp_path, fingerprint=synth.fingerprint(mem_layers=[0])) as store:
         with store.begin_document("sinks", sha256="s", text_length=1,
-                                  index_params=IndexParams(calibration_tokens=1024)) as writer:
+                                  index_params=IndexParams(kind="hnsw", calibration_tokens=1024)) as writer:
             for start in starts:
                 writer.append(0, keys[:, start : start + 256], values[:, start : start + 256])
         assert all(count >= len(starts) for count in writer.record.index_params["layers"]["0"]["exact_keys"])

@@ -83,6 +83,10 @@ def _add_memory_options(parser: argparse.ArgumentParser) -> None:
         "--mem-layers", help="memory layers: all | 0,5,10 | 0-14 | every3 | first15 | last15 "
         "(default: a FoT-tuned model's own layers, else all)"
     )
+    group.add_argument("--retrieval", choices=["exact", "blocks"], default="exact",
+                       help="in-RAM retrieval: exact top-k over every key (the reference), or block retrieval "
+                            "(the exact top-k inside the best 128 blocks of 32 keys and every window start: "
+                            "linear in the input)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,7 +203,8 @@ def _engine(args: argparse.Namespace):
     else:
         layers = parse_layers(args.mem_layers, loaded.model.config.num_hidden_layers)
     config = MemoryConfig(
-        mem_layers=layers, local_window=args.local_window, top_k=args.top_k, positional_mode=args.mode
+        mem_layers=layers, local_window=args.local_window, top_k=args.top_k, positional_mode=args.mode,
+        retrieval=args.retrieval,
     )
     return MemoryEngine(loaded.model, loaded.tokenizer, config)
 

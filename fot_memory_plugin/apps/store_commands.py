@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..core.config import ANSWER_MODES, DEFAULT_ANSWER_MODE, DEFAULT_RANKING, RANKINGS
+from ..core.config import ANSWER_MODES, DEFAULT_ANSWER_MODE, DEFAULT_INDEX, DEFAULT_RANKING, INDEX_KINDS, RANKINGS
 from ..distributed.commands import add_ray_option, add_shard_command, open_on_ray, read_on_ray  # no Ray import
 from .cli import _device_option, parse_layers
 
@@ -39,6 +39,10 @@ def add_store_commands(commands: argparse._SubParsersAction) -> None:
                       help="retrieve from earlier windows while reading (default: not for a FoT-tuned model, whose "
                            "training computes memory keys without it and which finds evidence better so; yes for a "
                            "zero-shot one, which loses the passkey without it)")
+    read.add_argument("--index", choices=INDEX_KINDS, default=None,
+                      help="how the keys are indexed: clusters (k-means inverted file, ~13 B per token per layer, "
+                           "built at commit) or hnsw (hnswlib graphs, ~1.1 KB per token per layer, built while "
+                           f"reading); default {DEFAULT_INDEX}. `fot-memory reindex --index` changes it later")
     read.add_argument("--shared", action="store_true",
                       help="a NEW store's files get your umask's permissions instead of owner-only (0600/0700)")
     _device_option(read)
@@ -77,10 +81,13 @@ def add_store_commands(commands: argparse._SubParsersAction) -> None:
     forget.set_defaults(handler=_forget)
 
     reindex = commands.add_parser(
-        "reindex", help="rebuild documents' hnswlib indexes from their stored keys (no model; after an upgrade)")
+        "reindex", help="rebuild documents' indexes from their stored keys (no model; after an upgrade, or to "
+                        "change the index kind)")
     reindex.add_argument("documents", nargs="*", metavar="ID_OR_NAME", help="documents to re-index (default: all)")
     _store_option(reindex)
     reindex.add_argument("--json", action="store_true", help="print the re-indexed documents as JSON")
+    reindex.add_argument("--index", choices=INDEX_KINDS, default=None,
+                         help="index kind to build (default: each document's own; see `read --index`)")
     reindex.set_defaults(handler=_reindex)
 
     info = commands.add_parser("info", help="the store's model, memory config and size")
@@ -141,7 +148,7 @@ def _read(args: argparse.Namespace) -> int:
     with _open_documents(args) as memory:  # the store (and its writer lock) before the model
         for path in args.paths:
             record, fresh = memory.read_file(path, name=args.name, force=args.force, progress=not args.json,
-                                             retrieve=args.retrieval)
+                                             retrieve=args.retrieval, index=args.index)
             stored.append(_record_dict(record) | {"read_now": fresh})
             if not args.json:
                 verb = "read" if fresh else "already stored (use --force to read again)"
@@ -249,6 +256,9 @@ def _reindex(args: argparse.Namespace) -> int:
     from ..documents.document_memory import default_store_dir
     from ..persistence import MemoryStore
 
+    from ..persistence import IndexParams
+    from ..persistence.store import index_kind
+
     path = args.store or default_store_dir()
     with MemoryStore.open(path, create=False, readonly=True) as store:
         fingerprint = store.fingerprint
@@ -265,7 +275,8 @@ def _reindex(args: argparse.Namespace) -> int:
         done = []
         for name in names:
             old = store.document(name)
-            record = store.reindex(old.id, window=window)
+            params = IndexParams(kind=args.index or index_kind(old))
+            record = store.reindex(old.id, window=window, index_params=params)
             done.append(_record_dict(record) | {"replaced_id": old.id})
             if not args.json:
                 print(f"re-indexed {record.name!r}: [{old.id}] -> [{record.id}], {record.num_tokens} tokens")

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers.generation.streamers import BaseStreamer
 
 from ..adapters import adapter_for, num_layers
+from .blocks import BlockMemory
 from .config import MemoryConfig
 from .memory import ExactMemory, Memory
 from .router import MemoryRouter
@@ -58,6 +59,8 @@ class MemoryEngine:
 
     def _fresh_memories(self) -> dict[int, Memory]:
         dtype = getattr(torch, self.config.mem_dtype)
+        if self.config.retrieval == "blocks":
+            return {layer: BlockMemory(dtype=dtype) for layer in self.layers}
         return {layer: ExactMemory(dtype=dtype) for layer in self.layers}
 
     @property

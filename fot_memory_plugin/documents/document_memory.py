@@ -21,7 +21,7 @@ import numpy as np
 import platformdirs
 import torch
 
-from ..core.config import DEFAULT_ANSWER_MODE, DEFAULT_RANKING, MemoryConfig
+from ..core.config import DEFAULT_ANSWER_MODE, DEFAULT_INDEX, DEFAULT_RANKING, MemoryConfig
 from ..core.engine import MemoryEngine
 from ..core.errors import CorruptDocumentError, DocumentInputError, NoDocumentsError, QuestionTooLongError
 from ..models.loading import load_model, model_fingerprint
@@ -39,7 +39,7 @@ from .passages import (
     sentence_chunks,
 )
 from .voting_heads import VotingHeads
-from ..persistence import Chunk, DocumentRecord, MemoryStore, StoreNotFoundError, num_threads
+from ..persistence import Chunk, DocumentRecord, IndexParams, MemoryStore, StoreNotFoundError, num_threads
 from ..persistence.errors import IncompatibleStoreError
 from ..persistence.metadata import fingerprint_differences, normalise_fingerprint
 from ..persistence.files import validate_name
@@ -248,6 +248,7 @@ class DocumentMemory:
         metadata: dict[str, Any] | None = None,
         retrieve: bool | None = None,
         on_window: Callable[[int, int], None] | None = None,
+        index: str | None = None,
     ) -> tuple[DocumentRecord, bool]:
         """Read text into the store; returns (record, whether it was read now).
 
@@ -256,8 +257,10 @@ class DocumentMemory:
         retrieve=False reads each window without retrieval (MemoryEngine.read): as fast as the
         plain model, and how FoT training computes memory keys; a zero-shot model loses the
         passkey that way. None: `self.read_with_retrieval` (False for a FoT-tuned model). on_window(end_token, num_tokens) is called after each window is stored.
+        index: how the document's keys are indexed, "clusters" or "hnsw" (default DEFAULT_INDEX).
         """
         name = validate_name(name)
+        index_params = IndexParams(kind=index or DEFAULT_INDEX)  # bad input fails before any reading
         retrieve = self.read_with_retrieval if retrieve is None else retrieve
         if not text.strip():
             raise DocumentInputError(f"Document {name!r} is empty: there is nothing to read.")
@@ -271,11 +274,13 @@ class DocumentMemory:
         encoding = self.engine.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
         ids = torch.tensor([encoding["input_ids"]], dtype=torch.long)
         dtype = self.engine.config.mem_dtype
-        needed = self._needed_bytes(ids.shape[1])
+        needed = self._needed_bytes(ids.shape[1], index_params.kind)
         self.store.require_space(needed)  # before minutes of reading, not after
         with self.store.begin_document(
             name, source_path=source_path, sha256=sha256, text_length=len(text),
-            metadata=metadata, dtype=dtype, force=force, threads=self._writer_threads(), expected_bytes=needed,
+            metadata=metadata, dtype=dtype, force=force, threads=self._writer_threads(index_params.kind),
+            expected_bytes=needed,
+            index_params=index_params, index_device=self._index_device(),
         ) as writer:
             writer.add_chunks(sentence_chunks(text, encoding["offset_mapping"], self._tokenize))
 
@@ -295,19 +300,24 @@ class DocumentMemory:
     def _tokenize(self, text: str) -> list[int]:
         return self.engine.tokenizer.encode(text, add_special_tokens=False)
 
-    def _needed_bytes(self, num_tokens: int) -> int:
+    def _needed_bytes(self, num_tokens: int, index: str = DEFAULT_INDEX) -> int:
         """About how much disk a document of `num_tokens` tokens takes in this store."""
         config = self.engine.model.config
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return estimate_document_bytes(num_tokens, layers=len(self.engine.layers), kv_heads=kv_heads,
-                                       head_dim=head_dim, dtype=self.engine.config.mem_dtype)
+                                       head_dim=head_dim, dtype=self.engine.config.mem_dtype, kind=index)
 
-    def _writer_threads(self) -> int:
-        """Store writer threads: one beside a model on the CPU (it needs the cores); with the model
-        on a GPU the hnswlib inserts are what limits reading (benchmarks/README.md), so every core
-        but one, each taking some of the (layer, KV head) indexes."""
-        return 1 if self.engine.device.type == "cpu" else max(1, num_threads() - 1)
+    def _index_device(self) -> str | None:
+        """Cluster indexes are computed where the model runs (k-means: seconds per layer on a CPU)."""
+        return None if self.engine.device.type == "cpu" else str(self.engine.device)
+
+    def _writer_threads(self, index: str) -> int:
+        """Store writer threads: one beside a model on the CPU (it needs the cores), and for cluster
+        indexes (the thread only writes .kv files; more threads only take the GIL from the model's
+        kernel launches); with the model on a GPU the hnswlib inserts are what limits reading
+        (benchmarks/README.md), so every core but one, each taking some of the (layer, KV head) indexes."""
+        return 1 if self.engine.device.type == "cpu" or index == "clusters" else max(1, num_threads() - 1)
 
     # -- asking ---------------------------------------------------------------------------------
 

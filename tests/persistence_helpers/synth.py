@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fot_memory_plugin.persistence import IndexParams
+
 KV_HEADS, Q_HEADS, HEAD_DIM = 3, 9, 64
 LAYERS = (0, 1)
 
@@ -65,9 +67,14 @@ def queries(seed: int, length: int, layer: int = 0) -> torch.Tensor:
 
 def write_document(store, name: str, seed: int, num_tokens: int, *, window: int = 512, layers=LAYERS,
                    sleep_s: float = 0.0, **options: Any):
-    """Read a synthetic document into the store window by window; returns its DocumentRecord."""
+    """Read a synthetic document into the store window by window; returns its DocumentRecord.
+
+    Indexed with hnswlib unless index_params say otherwise: these random keys have no clusters,
+    so the store's default cluster index would need most of them probed (tests/test_cluster_index.py).
+    """
     arrays = {layer: doc_arrays(seed, num_tokens, layer) for layer in layers}
     options.setdefault("metadata", {"synthetic": f"{seed}:{num_tokens}"})
+    options.setdefault("index_params", IndexParams(kind="hnsw"))
     with store.begin_document(name, sha256=f"sha-{name}-{seed}", text_length=num_tokens * 4, **options) as writer:
         for start in range(0, num_tokens, window):
             for layer in layers:

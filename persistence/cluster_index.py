@@ -1,0 +1,192 @@
+"""The cluster index of one (document, memory layer): an inverted file over its keys.
+
+Per KV head, the document's keys (centred on their mean, as the hnswlib index centres them) are
+clustered by k-means into about one cluster per `cluster_size` tokens. A search scores every
+centroid, keeps the best `probe` share of the clusters for each query, and ranks every key of
+those clusters, plus the first key of every reading window (an attention sink: 43% of the exact
+top-32 of smollm2-fot's asked queries on a whole novel, with no cluster of its own kind), by the
+exact inner product with the stored keys. Given every cluster it is exact search.
+
+File `layer<L>.clusters.npz`, next to the layer's `.kv` file (per head h):
+  centroids (Hkv, C, D) float16   centred k-means centroids
+  order (Hkv, N - W) int32        the clustered tokens, grouped by cluster
+  offsets (Hkv, C + 1) int64      cluster c holds order[h, offsets[h, c]:offsets[h, c + 1]]
+  starts (W,) int64               window starts, scored for every query
+
+That is ~13 B per token per layer for SmolLM2 (3 KV heads x (4 B of order + 2 x 64 / 64 B of
+centroid)), against ~1.1 KB for the hnswlib graphs, so a 5-layer store keeps ~3.9 KB per token.
+Built from the `.kv` file alone (`build_cluster_index`), at commit or by `reindex`; measured
+against hnswlib in benchmarks/README.md ("Cluster index").
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .kvfile import rows_float32
+
+__all__ = ["ClusterSearch", "ClusterIndex", "ClusterHeadIndex", "build_cluster_index"]
+
+_ASSIGN_ROWS = 1 << 15  # keys assigned to centroids per matmul while building
+_SCORE_BUDGET = 1 << 24  # query x candidate scores per step of a search (64 MiB)
+
+
+@dataclass(frozen=True)
+class ClusterSearch:
+    """How a cluster index is searched: the share of clusters ranked exactly per query."""
+
+    # Measured on smollm2-fot's asked queries over a whole novel (recall@32, clusters of ~64):
+    # 0.025: 0.936, 0.05: 0.969, 0.1: 0.989 (benchmarks/README.md).
+    probe: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.probe <= 1.0:
+            raise ValueError(f"ClusterSearch.probe is a share of the clusters in (0, 1], got {self.probe!r}.")
+
+
+def _kmeans(points: torch.Tensor, clusters: int, iterations: int, generator: torch.Generator) -> torch.Tensor:
+    """Lloyd's k-means (L2) of points (n, D) float32 -> centroids (clusters, D); empty clusters
+    are re-seeded from random points."""
+    centroids = points[torch.randperm(len(points), generator=generator)[:clusters].to(points.device)].clone()
+    for _ in range(iterations):
+        nearest = _nearest(points, centroids)
+        sums = torch.zeros_like(centroids).index_add_(0, nearest, points)
+        counts = torch.bincount(nearest, minlength=clusters).float()
+        reseed = points[torch.randint(len(points), (clusters,), generator=generator).to(points.device)]
+        centroids = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], reseed)
+    return centroids
+
+
+def _nearest(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid (L2) of each point, in chunks."""
+    half_norms = 0.5 * (centroids * centroids).sum(1)
+    return torch.cat([(points[start : start + _ASSIGN_ROWS] @ centroids.T - half_norms).argmax(1)
+                      for start in range(0, len(points), _ASSIGN_ROWS)])
+
+
+def build_cluster_index(kv: np.ndarray, dtype: str, starts: np.ndarray, *, cluster_size: int,
+                        iterations: int, sample: int, seed: int, device: str | torch.device = "cpu") -> ClusterIndex:
+    """The cluster index of the stored rows kv (N, 2, Hkv, D); starts: window start tokens.
+    device: where k-means runs (a GPU makes it a fraction of a second per layer); the same
+    seed gives the same clusters on one device."""
+    num_tokens, _, kv_heads, dim = kv.shape
+    starts = np.unique(np.asarray(starts, np.int64))
+    if len(starts) and (starts[0] < 0 or starts[-1] >= num_tokens):
+        raise ValueError(f"window starts must lie in [0, {num_tokens}), got {starts[[0, -1]].tolist()}.")
+    clustered = np.setdiff1d(np.arange(num_tokens, dtype=np.int64), starts)
+    clusters = max(1, min(len(clustered), round(len(clustered) / cluster_size)))
+    generator = torch.Generator().manual_seed(seed)
+    centroids = np.zeros((kv_heads, clusters, dim), np.float16)
+    order = np.zeros((kv_heads, len(clustered)), np.int32)
+    offsets = np.zeros((kv_heads, clusters + 1), np.int64)
+    for head in range(kv_heads):
+        keys = rows_float32(kv[clustered, 0, head], dtype).to(device)  # (n, D)
+        keys -= keys.mean(0) if len(keys) else 0.0
+        picked = torch.randperm(len(keys), generator=generator)[:sample].to(device)
+        fitted = (_kmeans(keys[picked], clusters, iterations, generator) if len(keys)
+                  else torch.zeros(1, dim, device=device))
+        nearest = _nearest(keys, fitted).cpu().numpy()
+        fitted = fitted.cpu()
+        grouped = np.argsort(nearest, kind="stable")
+        centroids[head] = fitted.numpy().astype(np.float16)
+        order[head] = clustered[grouped].astype(np.int32)
+        offsets[head, 1:] = np.cumsum(np.bincount(nearest, minlength=clusters))
+    return ClusterIndex(centroids, order, offsets, starts, num_tokens)
+
+
+class ClusterIndex:
+    """A document layer's loaded cluster index; `head(h)` is what PersistentMemory searches."""
+
+    def __init__(self, centroids: np.ndarray, order: np.ndarray, offsets: np.ndarray, starts: np.ndarray,
+                 num_tokens: int) -> None:
+        kv_heads, clusters, _ = centroids.shape
+        if order.shape != (kv_heads, num_tokens - len(starts)) or offsets.shape != (kv_heads, clusters + 1):
+            raise ValueError(f"cluster index arrays do not fit {num_tokens} tokens and {len(starts)} window starts: "
+                             f"order {order.shape}, offsets {offsets.shape}, centroids {centroids.shape}")
+        if (offsets[:, 0] != 0).any() or (offsets[:, -1] != order.shape[1]).any() or (np.diff(offsets) < 0).any():
+            raise ValueError("cluster index offsets are inconsistent")
+        if order.size and (order.min() < 0 or order.max() >= num_tokens):
+            raise ValueError("cluster index lists tokens outside the document")
+        self.centroids, self.order, self.offsets = centroids, order, offsets
+        self.starts = starts.astype(np.int64)
+        self.num_tokens = num_tokens
+
+    @property
+    def num_clusters(self) -> int:
+        return self.centroids.shape[1]
+
+    def save(self, path: Path) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, centroids=self.centroids, order=self.order, offsets=self.offsets, starts=self.starts)
+        path.write_bytes(buffer.getvalue())
+
+    @classmethod
+    def load(cls, path: Path, num_tokens: int, kv_heads: int, head_dim: int) -> ClusterIndex:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in ("centroids", "order", "offsets", "starts")}
+        if arrays["centroids"].ndim != 3 or arrays["centroids"].shape[::2] != (kv_heads, head_dim):
+            raise ValueError(f"cluster index centroids have shape {arrays['centroids'].shape}, "
+                             f"expected ({kv_heads}, clusters, {head_dim})")
+        return cls(**arrays, num_tokens=num_tokens)
+
+    def head(self, head: int) -> ClusterHeadIndex:
+        return ClusterHeadIndex(self, head)
+
+
+class ClusterHeadIndex:
+    """One KV head of a ClusterIndex; searched like an HnswIndex (PersistentMemory._search_part)."""
+
+    def __init__(self, index: ClusterIndex, head: int) -> None:
+        self.num_tokens = index.num_tokens
+        self._centroids = torch.from_numpy(index.centroids[head].astype(np.float32))  # (C, D)
+        self._order, self._offsets = index.order[head], index.offsets[head]
+        self._sizes = np.diff(self._offsets)
+        self._starts = index.starts
+        self._start_keys: torch.Tensor | None = None  # (W, D) float32, read on the first search
+        # Enough clusters that the probed ones hold k keys even if they are the smallest.
+        self._smallest_cumulative = np.cumsum(np.sort(self._sizes))
+
+    def search(self, queries: torch.Tensor, k: int, search: ClusterSearch,
+               keys_at: Callable[[np.ndarray], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k of the document's tokens by inner product for queries (R, D) float32, k <= num_tokens:
+        exact scores (R, k) and token ids (R, k) int64, best first."""
+        clusters = len(self._sizes)
+        probed = max(math.ceil(search.probe * clusters), int(np.searchsorted(self._smallest_cumulative, k)) + 1)
+        probed = min(clusters, probed)
+        if self._start_keys is None and len(self._starts):
+            self._start_keys = keys_at(self._starts)
+        rows = queries.shape[0]
+        step = max(1, _SCORE_BUDGET // max(1, self.num_tokens))
+        all_scores, all_ids = [], []
+        for begin in range(0, rows, step):  # rows in chunks bound the (rows, candidates) scores
+            part = queries[begin : begin + step]
+            chosen = torch.zeros((len(part), clusters), dtype=torch.bool)
+            chosen.scatter_(1, (part @ self._centroids.T).topk(probed, dim=1).indices, True)
+            candidates, owner = self._members(np.flatnonzero(chosen.any(0).numpy()))
+            scores = (part @ keys_at(candidates).T).masked_fill_(~chosen[:, torch.from_numpy(owner)], float("-inf"))
+            ids = torch.from_numpy(candidates)
+            if self._start_keys is not None:
+                scores = torch.cat([scores, part @ self._start_keys.T], dim=1)
+                ids = torch.cat([ids, torch.from_numpy(self._starts)])
+            top, order = scores.topk(min(k, scores.shape[1]), dim=1)
+            all_scores.append(top)
+            all_ids.append(ids[order])
+        return torch.cat(all_scores), torch.cat(all_ids)
+
+    def _members(self, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The tokens of these clusters, sorted (so the .kv file is read in order), and the
+        cluster each belongs to."""
+        sizes = self._sizes[clusters]
+        begins = np.repeat(self._offsets[clusters] - np.cumsum(sizes) + sizes, sizes)
+        positions = begins + np.arange(int(sizes.sum()))
+        owner = np.repeat(clusters, sizes)
+        tokens = self._order[positions].astype(np.int64)
+        by_token = np.argsort(tokens, kind="stable")
+        return tokens[by_token], owner[by_token]

@@ -1,0 +1,111 @@
+"""The store's cluster index: written at commit from the stored keys, exact when every cluster is
+probed, most of the exact top-k when 5% are, reached from `read --index` and `reindex --index`,
+and a flipped byte in it is found before it is searched."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from persistence_helpers import synth
+
+from fot_memory_plugin.persistence import CorruptDocumentError, IndexParams, MemoryStore
+from fot_memory_plugin.persistence.cluster_index import ClusterSearch, build_cluster_index
+
+CLUSTERS = IndexParams(kind="clusters")
+EVERY_CLUSTER = ClusterSearch(probe=1.0)
+
+
+@pytest.fixture(scope="module")
+def cluster_store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("clusters") / "store"
+    with MemoryStore.open(path, fingerprint=synth.fingerprint()) as store:
+        synth.write_document(store, "a", 1, 3000, index_params=CLUSTERS)
+        synth.write_document(store, "b", 2, 2000, index_params=CLUSTERS)
+    return path
+
+
+def test_cluster_index_is_written_at_commit_and_partitions_the_tokens(cluster_store):
+    with MemoryStore.open(cluster_store, readonly=True) as store:
+        record = store.document("a")
+    assert sorted(record.files) == ["layer0.clusters.npz", "layer0.kv", "layer1.clusters.npz", "layer1.kv"]
+    assert record.index_params["kind"] == "clusters"
+    with np.load(cluster_store / "docs" / record.id / "layer1.clusters.npz") as data:
+        order, offsets, starts, centroids = data["order"], data["offsets"], data["starts"], data["centroids"]
+    assert starts.tolist() == list(range(0, 3000, 512))  # the first token of every appended window
+    assert centroids.shape == (synth.KV_HEADS, round((3000 - len(starts)) / 64), synth.HEAD_DIM)
+    for head in range(synth.KV_HEADS):  # every token exactly once: in one cluster or a window start
+        assert sorted(order[head].tolist() + starts.tolist()) == list(range(3000))
+        assert offsets[head, 0] == 0 and offsets[head, -1] == len(order[head])
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_probing_every_cluster_equals_exact_search(cluster_store, layer):
+    query = synth.queries(3, 16, layer)
+    with MemoryStore.open(cluster_store, readonly=True) as store:
+        exact = store.memory(layer, exact=True).search(query, 128)
+        clusters = store.memory(layer, exact_below=0, cluster_search=EVERY_CLUSTER).search(query, 128)
+    assert torch.equal(clusters.token_ids, exact.token_ids)
+    assert torch.equal(clusters.keys, exact.keys) and torch.equal(clusters.values, exact.values)
+
+
+def test_the_default_probe_finds_most_of_the_exact_top_k(cluster_store):
+    query = synth.queries(5, 16)
+    with MemoryStore.open(cluster_store, readonly=True) as store:
+        exact = store.memory(0, exact=True).search(query, 32)
+        found = store.memory(0, exact_below=0).search(query, 32)  # ClusterSearch(): 5% of the clusters
+    assert found.mask.all()
+    for row in found.token_ids.reshape(-1, 32):
+        assert len(set(row.tolist())) == 32
+    assert synth.recall(found.token_ids[0].numpy(), exact.token_ids[0].numpy()) > 0.6  # chance: ~0.05
+
+
+def test_a_k_larger_than_the_probed_clusters_hold_still_fills_every_slot(cluster_store):
+    with MemoryStore.open(cluster_store, readonly=True) as store:
+        found = store.memory(0, ["b"], exact_below=0, cluster_search=ClusterSearch(probe=0.001)).search(
+            synth.queries(2, 4), 700)
+    assert found.mask.all() and (found.token_ids < 2000).all()
+
+
+def test_cluster_index_building_is_deterministic():
+    keys, values = synth.doc_arrays(7, 1500, 0)
+    kv = np.stack([keys, values], axis=0).transpose(2, 0, 1, 3).astype(np.float16)  # (N, 2, Hkv, D)
+    built = [build_cluster_index(kv, "float16", np.arange(0, 1500, 512), cluster_size=64, iterations=4,
+                                 sample=1000, seed=3) for _ in range(2)]
+    assert np.array_equal(built[0].order, built[1].order)
+    assert np.array_equal(built[0].centroids, built[1].centroids)
+
+
+def test_reindex_switches_between_hnsw_and_clusters_without_changing_exact_answers(tmp_path):
+    query = synth.queries(4, 8)
+    with MemoryStore.open(tmp_path / "store", fingerprint=synth.fingerprint()) as store:
+        synth.write_document(store, "a", 1, 3000)
+        before = store.memory(0, exact=True).search(query, 64)
+        record = store.reindex("a", window=512, index_params=CLUSTERS)
+        assert not any(name.endswith((".hnsw", ".extra.npz")) for name in record.files)
+        every = store.memory(0, exact_below=0, cluster_search=EVERY_CLUSTER).search(query, 64)
+        back = store.reindex("a", window=512, index_params=IndexParams(kind="hnsw"))
+        assert not any(name.endswith(".clusters.npz") for name in back.files)
+        after = store.memory(0, exact=True).search(query, 64)
+    assert torch.equal(before.token_ids, every.token_ids) and torch.equal(before.token_ids, after.token_ids)
+
+
+def test_a_flipped_byte_in_a_cluster_index_is_found_before_it_is_searched(cluster_store, tmp_path):
+    path = shutil.copytree(cluster_store, tmp_path / "store")
+    with MemoryStore.open(path, readonly=True) as store:
+        record = store.document("a")
+    target = path / "docs" / record.id / "layer0.clusters.npz"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    target.write_bytes(bytes(data))
+    with MemoryStore.open(path, readonly=True, verify="size") as store:
+        with pytest.raises(CorruptDocumentError, match="layer0.clusters.npz"):
+            store.memory(0, ["a"], exact_below=0)
+        assert store.memory(0, ["b"], exact_below=0).search(synth.queries(1, 2), 8).mask.all()
+
+
+def test_a_bad_index_kind_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="clusters"):
+        IndexParams(kind="graph")
