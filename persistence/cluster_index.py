@@ -167,10 +167,12 @@ class ClusterHeadIndex:
         all_scores, all_ids = [], []
         for begin in range(0, rows, step):  # rows in chunks bound the (rows, candidates) scores
             part = queries[begin : begin + step]
-            chosen = torch.zeros((len(part), clusters), dtype=torch.bool)
-            chosen.scatter_(1, (part @ self._centroids.T).topk(probed, dim=1).indices, True)
-            candidates, owner = self._members(np.flatnonzero(chosen.any(0).numpy()))
-            scores = (part @ keys_at(candidates).T).masked_fill_(~chosen[:, torch.from_numpy(owner)], float("-inf"))
+            # 0 for the clusters a row probes, -inf for the others: added to the scores of their keys.
+            penalty = torch.full((len(part), clusters), float("-inf"))
+            penalty.scatter_(1, (part @ self._centroids.T).topk(probed, dim=1).indices, 0.0)
+            probed_any = np.flatnonzero(torch.isfinite(penalty).any(0).numpy())
+            candidates, owner = self._members(probed_any)
+            scores = (part @ keys_at(candidates).T).add_(penalty.index_select(1, torch.from_numpy(owner)))
             ids = torch.from_numpy(candidates)
             if self._start_keys is not None:
                 scores = torch.cat([scores, part @ self._start_keys.T], dim=1)
@@ -186,7 +188,9 @@ class ClusterHeadIndex:
         sizes = self._sizes[clusters]
         begins = np.repeat(self._offsets[clusters] - np.cumsum(sizes) + sizes, sizes)
         positions = begins + np.arange(int(sizes.sum()))
-        owner = np.repeat(clusters, sizes)
-        tokens = self._order[positions].astype(np.int64)
-        by_token = np.argsort(tokens, kind="stable")
-        return tokens[by_token], owner[by_token]
+        # Tokens are distinct across clusters: a cluster id per token, read back in token order,
+        # sorts them in O(N) instead of an argsort.
+        owner_of = np.full(self.num_tokens, -1, np.int64)
+        owner_of[self._order[positions]] = np.repeat(clusters, sizes)
+        tokens = np.flatnonzero(owner_of >= 0)
+        return tokens, owner_of[tokens]

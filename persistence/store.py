@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 import filelock
 import numpy as np
+from tqdm.auto import tqdm
 
 from .errors import (
     CorruptDocumentError,
@@ -440,14 +441,16 @@ class MemoryStore:
         logger.info("forgot document %r (%s)", record.name, record.id)
         return record
 
-    def reindex(self, id_or_name: str, *, window: int, index_params: IndexParams | None = None) -> DocumentRecord:
-        """Rebuild a document's hnswlib indexes from its stored keys, without the model.
+    def reindex(self, id_or_name: str, *, window: int, index_params: IndexParams | None = None,
+                progress: bool = False) -> DocumentRecord:
+        """Rebuild a document's indexes (cluster or hnswlib, as `index_params` says) from its
+        stored keys, without the model.
 
         For documents indexed by an older fot-memory (or with other `index_params`). The keys and
         values are fed again, `window` tokens per append (the local window they were read with,
         so window starts are where they were), to a new document of the same name that replaces
         the old one at commit, as any write does: a crash leaves the old document as it was.
-        The document gets a new id. Returns its record.
+        The document gets a new id. Returns its record. progress: a bar of tokens on stderr.
         """
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be the local window the document was read with (an int >= 1), "
@@ -459,10 +462,13 @@ class MemoryStore:
                                  text_length=record.text_length, metadata=record.metadata, dtype=record.dtype,
                                  force=True, index_params=index_params,
                                  threads=num_threads()) as writer:  # no model to leave cores for
-            for start in range(0, record.num_tokens, window):
-                for layer, part in parts.items():
-                    rows = rows_float32(part.kv[start : start + window], record.dtype)  # (T, 2, Hkv, D)
-                    writer.append(layer, rows[:, 0].transpose(0, 1), rows[:, 1].transpose(0, 1))
+            with tqdm(total=record.num_tokens, unit="tok", desc=f"re-indexing {record.name}", disable=not progress,
+                      leave=False) as bar:
+                for start in range(0, record.num_tokens, window):
+                    for layer, part in parts.items():
+                        rows = rows_float32(part.kv[start : start + window], record.dtype)  # (T, 2, Hkv, D)
+                        writer.append(layer, rows[:, 0].transpose(0, 1), rows[:, 1].transpose(0, 1))
+                    bar.update(min(window, record.num_tokens - start))
             writer.add_chunks(chunks)
         assert writer.record is not None
         with self._load_lock:
@@ -523,22 +529,25 @@ class MemoryStore:
 
     # ---- integrity -----------------------------------------------------------------------
 
-    def verify(self, id_or_name: str | None = None, *, checksum: bool = True) -> dict[str, str]:
+    def verify(self, id_or_name: str | None = None, *, checksum: bool = True, progress: bool = False) -> dict[str, str]:
         """Check every file of one or all documents, indexes and manifest included: sizes, and
         with checksum=True their CRC-32 (read again, not trusted from an earlier check).
-        Returns {doc id: problem} for the damaged ones."""
+        Returns {doc id: problem} for the damaged ones. progress: a bar of bytes on stderr."""
         records = self.documents() if id_or_name is None else [self.document(id_or_name)]
         problems: dict[str, str] = {}
-        for record in records:
-            try:
-                if checksum:
-                    self._verified = {key for key in self._verified if key[0] != record.id}
-                for file_name in record.files:
-                    self._check_file(record, file_name, checksum=checksum)
-                if checksum:
-                    self._check_manifest(record)
-            except CorruptDocumentError as error:
-                problems[record.id] = error.problem
+        total = sum(file["size"] for record in records for file in record.files.values())
+        with tqdm(total=total, unit="B", unit_scale=True, desc="verifying", disable=not progress, leave=False) as bar:
+            for record in records:
+                try:
+                    if checksum:
+                        self._verified = {key for key in self._verified if key[0] != record.id}
+                    for file_name, file in record.files.items():
+                        self._check_file(record, file_name, checksum=checksum)
+                        bar.update(file["size"])
+                    if checksum:
+                        self._check_manifest(record)
+                except CorruptDocumentError as error:
+                    problems[record.id] = error.problem
         return problems
 
     def _check_manifest(self, record: DocumentRecord) -> None:

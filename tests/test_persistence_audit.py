@@ -223,6 +223,16 @@ def test_6_damaged_index_of_a_small_document_is_reported(store_path, built, caps
     assert json.loads(out)["damaged_documents"] == ["a"]
 
 
+def test_6b_verify_and_reindex_show_progress_on_stderr_and_keep_json_clean(text_store, tmp_path, capsys):
+    store = Path(shutil.copytree(text_store, tmp_path / "store"))
+    code, out, err = cli(capsys, "reindex", "--store", store, "--index", "hnsw")
+    assert code == 0 and "re-indexing one.txt" in err and out.count("re-indexed") == 2
+    code, out, err = cli(capsys, "verify", "--store", store)
+    assert code == 0 and "verifying" in err and out.endswith("2 of 2 documents ok\n")
+    code, out, err = cli(capsys, "verify", "--store", store, "--json")
+    assert code == 0 and json.loads(out)["damaged"] == 0 and "verifying" not in err
+
+
 # 7 ------------------------------------------------------------------------------------------
 
 

@@ -210,7 +210,7 @@ def _verify(args: argparse.Namespace) -> int:
         records = [store.document(name) for name in args.doc] if args.doc else store.documents()
         problems = {}
         for record in records:
-            problems.update(store.verify(record.id))
+            problems.update(store.verify(record.id, progress=not args.json))
         report = [{"id": r.id, "name": r.name, "problem": problems.get(r.id)} for r in records]
     if args.json:
         print(json.dumps({"documents": report, "damaged": len(problems)}))
@@ -254,9 +254,7 @@ def _forget(args: argparse.Namespace) -> int:
 
 def _reindex(args: argparse.Namespace) -> int:
     from ..documents.document_memory import default_store_dir
-    from ..persistence import MemoryStore
-
-    from ..persistence import IndexParams
+    from ..persistence import IndexParams, MemoryStore
     from ..persistence.store import index_kind
 
     path = args.store or default_store_dir()
@@ -276,7 +274,7 @@ def _reindex(args: argparse.Namespace) -> int:
         for name in names:
             old = store.document(name)
             params = IndexParams(kind=args.index or index_kind(old))
-            record = store.reindex(old.id, window=window, index_params=params)
+            record = store.reindex(old.id, window=window, index_params=params, progress=not args.json)
             done.append(_record_dict(record) | {"replaced_id": old.id})
             if not args.json:
                 print(f"re-indexed {record.name!r}: [{old.id}] -> [{record.id}], {record.num_tokens} tokens")
