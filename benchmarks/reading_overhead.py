@@ -2,18 +2,23 @@
 persistent store, over the same windows of a real book, variants interleaved in one process.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/reading_overhead.py
-    # = --tokens 8192 --repeats 2 --book persuasion.txt (SmolLM2-135M float32, store defaults)
+    # = --tokens 8192 --repeats 2 --book persuasion.txt --readings none exact blocks --indexes hnsw clusters
+    #   (SmolLM2-135M float32, store defaults)
 
 Variants (memory in all 30 layers, or a FoT model's own layers; local window 512, top_k 32,
 float16 memory as the store keeps):
   plain                 the unpatched decoder over the windows (no memory at all)
-  RAM, no retrieval     memory reading that appends each window's keys/values, retrieving nothing
-  store, no retrieval   the same, each window also written to a store document (DocumentWriter):
+  RAM, <reading>        memory reading in RAM, each window appending its keys/values and
+                        retrieving: nothing ("none"), the exact top-k ("exact", the reference),
+                        or by block retrieval ("blocks", core/blocks.py: linear in the document)
+  store <index>, <reading>   what `DocumentMemory.read_text` (`fot-memory read`) does: the same
+                        reading, each window also written to a store document (DocumentWriter):
                         .kv writes and hnswlib inserts run on the writer's background thread,
-                        then the commit (rest of the indexes, saves, fsyncs, SQLite)
-  RAM, retrieval        the default reading: exact top-k from the in-RAM memory in every layer
-  store, retrieval      what `DocumentMemory.read_text` (`fot-memory read`) does: the default
-                        reading plus the store writes
+                        then the commit (the rest of the indexes or the cluster indexes, saves,
+                        fsyncs, SQLite)
+--recall adds, per token count, one more block-retrieval reading that also runs the exact search
+for every query and reports recall@k and the captured softmax mass (over all keys in memory)
+of block retrieval against it, as the reading goes.
 With several --writer-threads, one store variant per count (the store's layers spread over
 that many background threads: what `fot-memory read --device cuda` does, where the hnswlib
 inserts, not the model, limit reading). "store" times include the commit; the table also shows
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,8 +41,12 @@ import torch
 
 import _real_keys as rk
 from fot_memory_plugin import MemoryEngine
+from fot_memory_plugin.core.blocks import BlockMemory
+from fot_memory_plugin.core.memory import ExactMemory, Retrieved
 from fot_memory_plugin.documents.document_memory import STORE_DEFAULTS
-from fot_memory_plugin.persistence import MemoryStore
+from fot_memory_plugin.persistence import IndexParams, MemoryStore
+
+READINGS = ("none", "exact", "blocks")
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,6 +60,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
     parser.add_argument("--writer-threads", type=int, nargs="+", default=[1],
                         help="store writer threads; one store variant per value (more pay when the model is on a GPU)")
+    parser.add_argument("--readings", nargs="+", choices=READINGS, default=list(READINGS))
+    parser.add_argument("--indexes", nargs="*", choices=("hnsw", "clusters"), default=["hnsw", "clusters"],
+                        help="store index kinds; one store variant per reading and kind (none: no store variants)")
+    parser.add_argument("--recall", action="store_true", help="also measure block retrieval's recall while reading")
     return parser.parse_args()
 
 
@@ -70,33 +84,77 @@ def _synchronize(engine: MemoryEngine) -> None:
         torch.cuda.synchronize(engine.device)
 
 
-def in_ram(engine: MemoryEngine, ids: torch.Tensor, retrieve: bool) -> dict[str, float]:
-    engine.reset()
+def fresh_memories(engine: MemoryEngine, reading: str) -> dict:
+    """In-RAM memories for a reading mode (float16, as the store keeps)."""
+    kind = BlockMemory if reading == "blocks" else ExactMemory
+    return {layer: kind(dtype=torch.float16) for layer in engine.layers}
+
+
+def in_ram(engine: MemoryEngine, ids: torch.Tensor, reading: str) -> dict[str, float]:
+    engine.reset(fresh_memories(engine, reading))
     started = time.perf_counter()
-    engine.read(ids, retrieve=retrieve)
+    engine.read(ids, retrieve=reading != "none")
     _synchronize(engine)
     seconds = time.perf_counter() - started
     engine.reset()
     return {"total": seconds}
 
 
-def to_store(engine: MemoryEngine, ids: torch.Tensor, retrieve: bool, fingerprint: dict,
-             threads: int = 1) -> dict[str, float]:
+class RecallProbe(BlockMemory):
+    """Block retrieval that also runs the exact search, keeping recall@k and captured mass."""
+
+    def __init__(self) -> None:
+        super().__init__(dtype=torch.float16)
+        self.recalls: list[float] = []
+        self.masses: list[float] = []
+
+    def search(self, queries: torch.Tensor, k: int) -> Retrieved:
+        found = super().search(queries, k)
+        if len(self) > k:  # below that both return everything
+            exact = ExactMemory.search(self, queries, k)
+            found_scores = rk.hit_scores(queries, found.keys).masked_fill(~found.mask, float("-inf"))
+            exact_scores = rk.hit_scores(queries, exact.keys)
+            self.recalls.append(rk.recall_at_k(found_scores, exact_scores).mean().item())
+            keys = self.keys.to(queries.dtype).repeat_interleave(queries.shape[1] // self.keys.shape[1], dim=1)
+            normaliser = torch.logsumexp(queries @ keys.transpose(-1, -2) / math.sqrt(queries.shape[-1]), dim=-1)
+            share = [torch.exp(s / math.sqrt(queries.shape[-1]) - normaliser[..., None]).sum(-1)
+                     for s in (found_scores, exact_scores)]
+            self.masses.append((share[0] / share[1]).mean().item())
+        return found
+
+
+def block_recall(engine: MemoryEngine, ids: torch.Tensor) -> dict[str, float]:
+    """Read with block retrieval, measuring it against exact search on every query."""
+    probes = {layer: RecallProbe() for layer in engine.layers}
+    engine.reset(probes)
+    engine.read(ids, retrieve=True)
+    engine.reset()
+    recalls = [value for probe in probes.values() for value in probe.recalls]
+    masses = [value for probe in probes.values() for value in probe.masses]
+    last = [probe.recalls[-1] for probe in probes.values() if probe.recalls]
+    return {"recall": sum(recalls) / len(recalls), "mass": sum(masses) / len(masses),
+            "recall_last_window": sum(last) / len(last), "worst_layer": min(
+                sum(p.recalls) / len(p.recalls) for p in probes.values() if p.recalls)}
+
+
+def to_store(engine: MemoryEngine, ids: torch.Tensor, reading: str, fingerprint: dict,
+             threads: int = 1, index: str = "hnsw") -> dict[str, float]:
     """DocumentMemory.read_text's reading path (begin_document, read with on_window, commit)."""
     rk.OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=rk.OUT) as directory:
         with MemoryStore.open(directory, fingerprint=fingerprint) as store:
-            engine.reset()
+            engine.reset(fresh_memories(engine, reading))
             started = time.perf_counter()
             digest = hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()
             with store.begin_document("book", sha256=digest, text_length=ids.shape[1], dtype="float16",
-                                      threads=threads) as writer:
+                                      threads=threads, index_params=IndexParams(kind=index),
+                                      index_device=None if engine.device.type == "cpu" else str(engine.device)) as writer:
 
                 def write(start: int, end: int, captured: rk.Window) -> None:
                     for layer, (keys, values) in captured.items():
                         writer.append(layer, keys[0], values[0])  # (Hkv, T, D)
 
-                engine.read(ids, retrieve=retrieve, on_window=write)
+                engine.read(ids, retrieve=reading != "none", on_window=write)
                 read = time.perf_counter()
             finished = time.perf_counter()
             engine.reset()
@@ -125,20 +183,25 @@ def main() -> None:
     book_ids = rk.book_ids(engine, args.book)[None]
     engine.read(book_ids[:, : config.local_window])  # warm-up
     variants: list[tuple[str, Callable[[torch.Tensor], dict[str, float]]]] = [("plain", lambda ids: plain(engine, ids))]
-    for retrieve, kind in ((False, "no retrieval"), (True, "retrieval")):
-        variants.append((f"RAM, {kind}", lambda ids, retrieve=retrieve: in_ram(engine, ids, retrieve)))
-        for threads in args.writer_threads:
-            name = f"store, {kind}" + ("" if args.writer_threads == [1] else f", {threads} writer threads")
-            variants.append((name, lambda ids, retrieve=retrieve, threads=threads:
-                             to_store(engine, ids, retrieve, fingerprint, threads)))
+    for reading in args.readings:
+        variants.append((f"RAM, {reading}", lambda ids, reading=reading: in_ram(engine, ids, reading)))
+        for index in args.indexes:
+            for threads in args.writer_threads:
+                name = f"store {index}, {reading}" + ("" if args.writer_threads == [1] else f", {threads} writer threads")
+                variants.append((name, lambda ids, reading=reading, threads=threads, index=index:
+                                 to_store(engine, ids, reading, fingerprint, threads, index)))
     variants = [(name, _with_cpu_time(run)) for name, run in variants]
     results: dict[tuple[int, str], list[dict[str, float]]] = {}
+    recalls: dict[int, dict[str, float]] = {}
     for tokens in args.tokens:
         ids = book_ids[:, :tokens]
         for repeat in range(args.repeats):
             for name, run in variants:
                 results.setdefault((tokens, name), []).append(run(ids))
                 print(f"{tokens} tokens, repeat {repeat + 1}, {name}: {results[tokens, name][-1]}", flush=True)
+        if args.recall:
+            recalls[tokens] = block_recall(engine, ids)
+            print(f"{tokens} tokens, block retrieval vs exact while reading: {recalls[tokens]}", flush=True)
     print(f"\nSmolLM2-135M float32 on {engine.device}, {torch.get_num_threads()} torch threads, memory in {len(engine.layers)} layers, "
           f"window {config.local_window}, top_k {config.top_k}, {args.book.name}; best of {args.repeats}\n")
     header = ["tokens", "variant", "wall s", "tokens/s", "x plain", "x RAM (same retrieval)", "commit s",
@@ -157,6 +220,12 @@ def main() -> None:
                          f"{cpu[name]:.1f}", f"{cpu[name] / cpu['plain']:.2f}",
                          "-" if ram is None else f"{cpu[name] / cpu[ram]:.2f}"])
     print(rk.markdown_table(header, rows))
+    if recalls:
+        print(f"\nblock retrieval while reading, against exact search of the same memory (recall@{config.top_k} "
+              "with ties, captured softmax mass over all keys in memory; means over every search):\n")
+        print(rk.markdown_table(["tokens", "recall", "worst layer", "last window's recall", "captured mass"],
+                                [[tokens, f"{r['recall']:.3f}", f"{r['worst_layer']:.3f}", f"{r['recall_last_window']:.3f}",
+                                  f"{r['mass']:.3f}"] for tokens, r in recalls.items()]))
     engine.close()
 
 

