@@ -1,76 +1,164 @@
-"""Recall of a store's hnswlib search on the queries its own model sends while answering.
+"""Recall and captured attention mass of a store's searches on the queries its own model sends
+while answering: hnswlib graphs at several ef, cluster indexes at several probe shares.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/store_recall_asked.py STORE QUESTIONS.json [--efs 128 512 2048]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/store_recall_asked.py STORE QUESTIONS.json \
+        [--efs 128 256 512] [--probes 0.025 0.05 0.1] [--cluster-size 64]
 
-Where store_recall.py builds its store from the zero-shot model's keys, this takes any store as
-`fot-memory read` left it (for example a whole novel read by `smollm2-fot`, whose trained layers
-make other keys) and the model the store records. It asks each question (a JSON list of
-[question, expected answer]) once with exact search, keeping every query each memory layer
-sends, then searches those queries again one position at a time, as decoding does: recall@k of
-hnswlib at each ef against the exact top-k over the same stored keys (ties count as hits).
+Takes any store as `fot-memory read` left it (for example a whole novel read by `smollm2-fot`)
+and the model the store records. It asks each question (a JSON list of [question, expected
+answer]) once with exact search, keeping every query each memory layer sends, then searches
+those queries again one position at a time, as decoding does, and compares with the exact
+top-k over the same stored keys: recall@k (ties count as hits) and captured mass (the softmax
+mass over ALL stored keys that the hits carry, relative to the exact top-k's), and the time per
+search. hnswlib rows need a store indexed with hnswlib; cluster rows use cluster indexes built
+here from the store's `.kv` files by the function a commit uses (timed: "build s").
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import _real_keys as rk
 from fot_memory_plugin.documents.document_memory import DocumentMemory
+from fot_memory_plugin.persistence import IndexParams, PersistentMemory
+from fot_memory_plugin.persistence.cluster_index import ClusterSearch, build_cluster_index
+from fot_memory_plugin.persistence.kvfile import rows_float32
+from fot_memory_plugin.persistence.memory import DocumentLayer
+from fot_memory_plugin.persistence.store import index_kind
+
+
+def capture(memory: DocumentMemory, questions: list, max_new_tokens: int) -> dict[int, list[torch.Tensor]]:
+    """Every query (1, Hq, 1, D) each memory layer sends while the questions are asked (exact search)."""
+    store = memory.store
+    captured: dict[int, list[torch.Tensor]] = {}
+    original = store.memory
+
+    def instrumented(layer: int, *options, **keywords):
+        found = original(layer, *options, **keywords)
+        search = found.search
+
+        def keeping(queries: torch.Tensor, top_k: int):
+            captured.setdefault(layer, []).append(queries.detach().float().clone())
+            return search(queries, top_k)
+
+        found.search = keeping  # the sources still need the store's own memory object
+        return found
+
+    store.memory = instrumented
+    try:
+        for question, _ in questions:
+            memory.ask(question, chat=False, max_new_tokens=max_new_tokens, exact=True)
+    finally:
+        store.memory = original
+    return {layer: [q[:, :, t : t + 1] for q in found for t in range(q.shape[2])] for layer, found in captured.items()}
+
+
+def clustered_parts(exact: PersistentMemory, params: IndexParams, window: int) -> tuple[list[DocumentLayer], float]:
+    """The same documents with cluster indexes built here from their `.kv` files; build seconds."""
+    parts, started = [], time.perf_counter()
+    for part in exact._parts:
+        size = max(params.cluster_size, -(-part.num_tokens // params.max_clusters))
+        index = build_cluster_index(part.kv, part.dtype, np.arange(0, part.num_tokens, window), cluster_size=size,
+                                    iterations=params.kmeans_iterations, sample=params.kmeans_sample, seed=params.seed)
+        parts.append(DocumentLayer(part.doc_id, part.name, part.kv, part.dtype,
+                                   [index.head(h) for h in range(part.kv.shape[2])]))
+    return parts, time.perf_counter() - started
+
+
+def log_normaliser(exact: PersistentMemory, queries: torch.Tensor) -> torch.Tensor:
+    """log sum_j exp(q.k_j / sqrt(D)) over every stored key, per (query head, position): (Hq, T)."""
+    q = queries[0]  # (Hq, T, D)
+    group = q.shape[0] // exact.kv_heads
+    totals = []
+    for part in exact._parts:
+        keys = rows_float32(part.kv[:, 0], part.dtype)  # (N, Hkv, D)
+        keys = keys.permute(1, 0, 2).repeat_interleave(group, dim=0)  # (Hq, N, D)
+        totals.append(torch.logsumexp(torch.einsum("htd,hnd->htn", q, keys) / math.sqrt(q.shape[-1]), dim=-1))
+    return torch.logsumexp(torch.stack(totals), dim=0)
+
+
+def mass(queries: torch.Tensor, hit_keys: torch.Tensor, mask: torch.Tensor, normaliser: torch.Tensor) -> torch.Tensor:
+    """Softmax mass (Hq, T) over all memory carried by the hits."""
+    scores = rk.hit_scores(queries, hit_keys)[0] / math.sqrt(queries.shape[-1])  # (Hq, T, k)
+    return torch.exp(scores - normaliser[..., None]).masked_fill(~mask[0], 0).sum(-1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("store", type=Path)
     parser.add_argument("questions", type=Path)
-    parser.add_argument("--efs", type=int, nargs="+", default=[128, 512, 2048])
+    parser.add_argument("--efs", type=int, nargs="*", default=[128, 256, 512])
+    parser.add_argument("--probes", type=float, nargs="*", default=[0.025, 0.05, 0.1])
+    parser.add_argument("--cluster-size", type=int, default=IndexParams().cluster_size)
+    parser.add_argument("--kmeans-sample", type=int, default=IndexParams().kmeans_sample)
+    parser.add_argument("--kmeans-iterations", type=int, default=IndexParams().kmeans_iterations)
     parser.add_argument("--max-new-tokens", type=int, default=6)
+    parser.add_argument("--json", type=Path, help="also write the table's figures here")
     args = parser.parse_args()
     questions = json.loads(args.questions.read_text(encoding="utf-8"))
 
     with DocumentMemory.open(args.store, readonly=True) as memory:
         store, k = memory.store, memory.engine.config.top_k
-        captured: dict[int, list[torch.Tensor]] = {}  # per layer: (1, Hq, T, D) queries, per search
-        exact_memory = store.memory
-
-        def instrumented(layer: int, *options, **keywords):
-            found = exact_memory(layer, *options, **keywords)
-            search = found.search
-
-            def keeping(queries: torch.Tensor, top_k: int):
-                captured.setdefault(layer, []).append(queries.detach().float().clone())
-                return search(queries, top_k)
-
-            found.search = keeping  # the sources still need the store's own memory object
-            return found
-
-        store.memory = instrumented  # the store's memories, wrapped, for the one exact pass
-        for question, _ in questions:
-            memory.ask(question, chat=False, max_new_tokens=args.max_new_tokens, exact=True)
-        store.memory = exact_memory
-
-        print(f"{args.store}: {len(questions)} questions, top_k {k}, recall@{k} of hnswlib vs exact\n")
-        header = ["layer", "queries (positions x heads)"] + [f"ef {ef}" for ef in args.efs]
-        rows, means = [], {ef: [] for ef in args.efs}
+        window = memory.engine.config.local_window
+        records = store.documents()
+        kinds = {index_kind(record) for record in records}
+        captured = capture(memory, questions, args.max_new_tokens)
+        methods = [f"hnsw ef {ef}" for ef in args.efs if kinds == {"hnsw"}]
+        methods += [f"clusters probe {probe}" for probe in args.probes]
+        params = IndexParams(kind="clusters", cluster_size=args.cluster_size, kmeans_sample=args.kmeans_sample,
+                             kmeans_iterations=args.kmeans_iterations)
+        build_seconds = []
+        print(f"{args.store}: {sum(r.num_tokens for r in records)} tokens, {len(questions)} questions, "
+              f"top_k {k}; recall@{k} / captured mass vs exact / ms per search\n", flush=True)
+        results: dict[str, dict[int, tuple[float, float, float]]] = {method: {} for method in methods}
         for layer in sorted(captured):
-            queries = [q[:, :, t:t + 1] for q in captured[layer] for t in range(q.shape[2])]
-            reference = exact_memory(layer, exact=True)
-            exact_scores = [rk.hit_scores(q, reference.search(q, k).keys) for q in queries]
-            row = [layer, f"{len(queries)} x {queries[0].shape[1]}"]
-            for ef in args.efs:
-                searched = exact_memory(layer, ef=ef)
-                recalls = [rk.recall_at_k(rk.hit_scores(q, searched.search(q, k).keys), exact).mean().item()
-                           for q, exact in zip(queries, exact_scores)]
-                means[ef].append(statistics.fmean(recalls))
-                row.append(f"{means[ef][-1]:.3f}")
-            rows.append(row)
-            print(f"layer {layer} done", flush=True)
-        rows.append(["mean", ""] + [f"{statistics.fmean(means[ef]):.3f}" for ef in args.efs])
-        print(rk.markdown_table(header, rows))
+            queries = captured[layer]
+            exact = store.memory(layer, exact=True)
+            reference = [exact.search(q, k) for q in queries]
+            normalisers = [log_normaliser(exact, q) for q in queries]
+            exact_mass = [mass(q, ref.keys, ref.mask, z) for q, ref, z in zip(queries, reference, normalisers)]
+            clustered, seconds = clustered_parts(exact, params, window) if args.probes else ([], 0.0)
+            build_seconds.append(seconds)
+            for method in methods:
+                if method.startswith("hnsw"):
+                    searched = store.memory(layer, ef=int(method.split()[-1]), exact_below=0)
+                else:
+                    searched = PersistentMemory(layer, clustered, kv_heads=exact.kv_heads, head_dim=exact.head_dim,
+                                                exact_below=0, cluster_search=ClusterSearch(float(method.split()[-1])))
+                recalls, ratios, started = [], [], time.perf_counter()
+                hits = [searched.search(q, k) for q in queries]
+                seconds = time.perf_counter() - started
+                for q, hit, ref, z, full in zip(queries, hits, reference, normalisers, exact_mass):
+                    recalls.append(rk.recall_at_k(rk.hit_scores(q, hit.keys), rk.hit_scores(q, ref.keys)).mean().item())
+                    ratios.append((mass(q, hit.keys, hit.mask, z) / full).mean().item())
+                results[method][layer] = (statistics.fmean(recalls), statistics.fmean(ratios),
+                                          1000 * seconds / len(queries))
+            print(f"layer {layer} done ({len(queries)} positions x {queries[0].shape[1]} heads)", flush=True)
+
+    layers = sorted(captured)
+    header = ["method"] + [f"layer {layer}" for layer in layers] + ["mean recall", "worst layer", "mean mass", "ms / search"]
+    rows = []
+    for method, per_layer in results.items():
+        recall = [per_layer[layer][0] for layer in layers]
+        rows.append([method] + [f"{value:.3f}" for value in recall]
+                    + [f"**{statistics.fmean(recall):.3f}**", f"{min(recall):.3f}",
+                       f"{statistics.fmean(per_layer[layer][1] for layer in layers):.3f}",
+                       f"{statistics.fmean(per_layer[layer][2] for layer in layers):.1f}"])
+    print(rk.markdown_table(header, rows))
+    if args.probes:
+        print(f"\ncluster index build: {statistics.fmean(build_seconds):.1f} s per layer (all KV heads)")
+    if args.json:
+        args.json.write_text(json.dumps({method: {str(layer): dict(zip(("recall", "mass", "ms"), values))
+                                                   for layer, values in per_layer.items()}
+                                         for method, per_layer in results.items()}, indent=1))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ DEFAULT_ANSWER_MODE: AnswerMode = "memory"
 # How a store indexes a document's keys (persistence/: cluster_index.py, hnsw_index.py). Clusters
 # by default: on a whole novel's asked queries the same recall@32 as hnswlib at its default ef
 # (0.967), stores 2.5x smaller (3.9 KB per token for 5 layers, against 9.9), opened and first
-# answered 1.7x faster at 100k tokens, and no inserts to limit a GPU read (benchmarks/README.md).
+# answered 1.7-3.2x faster at 100k tokens, and no inserts to limit a GPU read (benchmarks/README.md).
 INDEX_KINDS: tuple[str, ...] = ("clusters", "hnsw")
 DEFAULT_INDEX = "clusters"
 DEFAULT_RANKING: Ranking = "lift"
