@@ -42,8 +42,9 @@ _SCORE_BUDGET = 1 << 24  # query x candidate scores per step of a search (64 MiB
 class ClusterSearch:
     """How a cluster index is searched: the share of clusters ranked exactly per query."""
 
-    # Measured on smollm2-fot's asked queries over a whole novel (recall@32, clusters of ~64):
-    # 0.025: 0.936, 0.05: 0.969, 0.1: 0.989 (benchmarks/README.md).
+    # Measured on smollm2-fot's asked queries over a whole novel (recall@32, clusters of ~64,
+    # k-means on 65,536 keys x 8 iterations): 0.025: 0.943, 0.05: 0.972, 0.1: 0.990; the shipped
+    # k-means (IndexParams) gives 0.967 at 0.05 (benchmarks/README.md, "Cluster index").
     probe: float = 0.05
 
     def __post_init__(self) -> None:

@@ -579,14 +579,11 @@ class MemoryStore:
         # Checksums on every core (zlib releases the GIL): a 1M-token 5-layer store is 3.8 GB of .kv.
         with ThreadPoolExecutor(max_workers=max(1, min(num_threads(), len(jobs)))) as pool:
             problems = list(pool.map(problem, jobs))
-        good, damaged = [], {}
-        for record in records:
-            found = [found for (owner, _), found in zip(jobs, problems) if owner is record and found is not None]
-            if found:
-                damaged[record.id] = found[0]
-            else:
-                good.append(record)
-        return good, damaged
+        damaged: dict[str, str] = {}
+        for (record, _), found in zip(jobs, problems):
+            if found is not None:
+                damaged.setdefault(record.id, found)  # the first problem in the record's file order
+        return [record for record in records if record.id not in damaged], damaged
 
     def _check_file(self, record: DocumentRecord, file_name: str, *, checksum: bool) -> Path:
         """Path of one of a document's files after checking its size (and CRC-32 once per process)."""

@@ -11,9 +11,9 @@ and the result is the exact top-k whenever the chosen blocks hold it; given ever
 (blocks x block_size >= N) it IS the exact top-k (tests/test_blocks.py).
 
 InfLLM (Xiao et al., 2024) keeps one representative per 128-token block and chooses blocks once
-per chunk; the representatives here are finer (measured on real keys, benchmarks/README.md,
-"Block retrieval"), and the same function serves reading in RAM (`BlockMemory`) and the
-persistent store (persistence/block_index.py).
+per chunk; the blocks here are finer. `BlockMemory` uses it for reading in RAM; stores use cluster
+indexes instead (persistence/cluster_index.py), because consecutive-block means found too few of
+the exact top-k on real keys (benchmarks/README.md, "Cluster index").
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ class MemoryConfig:
     # Position used by "fixed" mode. None means local_window: memory sits one window back.
     fixed_position: int | None = None
     # "exact": matmul + top-k over every key, in RAM and in stores (the reference). "hnsw":
-    # stores are searched through their indexes (hnswlib graphs or block indexes, whichever a
+    # stores are searched through their indexes (cluster indexes or hnswlib graphs, whichever a
     # document has), reading in RAM stays exact. "blocks": reading in RAM uses block retrieval
     # too (core/blocks.py: linear in the document), stores their indexes.
     retrieval: Retrieval = "exact"
