@@ -8,10 +8,11 @@ each book's evidence region at a seeded depth among the other books' text, about
 tokens; the same haystacks for every method.
 
 Methods
-- memory (`--methods memory`): each --model x --read-modes store, answered in both answer modes
-  (`memory`: generate with memory attached; `reread`: the top passages placed before the
-  question); sources ranked by lift with the model's calibrated voting heads (default), and, for
-  the evidence figure only, by lift with every head and by plain attention share.
+- memory (`--methods memory`): each --model x --read-modes store, answered in each --answer-modes
+  (`memory`: generate with memory attached; `passages`: the top passages placed before the
+  question, memory detached; `reread`: the same, memory attached); sources ranked by lift with
+  the model's calibrated voting heads (default), and, for the evidence figure only, by lift with
+  every head and by plain attention share.
 - rag (`--methods rag`): llama-index VectorStoreIndex over the same haystacks, MiniLM embeddings,
   SentenceSplitter 200-token chunks, top-3 of the question's haystack; llama-index's default QA
   prompt and the chunks followed by the question; the plain model generates.
@@ -41,6 +42,9 @@ from typing import Any, Callable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _haystacks as hs  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fot_memory_plugin.core.config import ANSWER_MODES  # noqa: E402  (light: no torch)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "long_doc_qa"
@@ -131,7 +135,7 @@ def _ask_all(memory, haystacks: list[hs.Haystack], name: str, length: int, resul
     ids = {record.name: record.id for record in memory.documents()}
     calibrated = memory.voting_heads
     for haystack, cue, form, chat in _questions(haystacks):
-        todo = [mode for mode in ("memory", "reread") if not results.has(f"{name}-{mode}", length, cue.id, form)]
+        todo = [mode for mode in args.answer_modes if not results.has(f"{name}-{mode}", length, cue.id, form)]
         if not todo:
             continue
         doc_id, span = ids[haystack.name], haystack.evidence[cue.id]
@@ -140,7 +144,7 @@ def _ask_all(memory, haystacks: list[hs.Haystack], name: str, length: int, resul
         records, _, prompt = memory._records_and_prompt(prompt_text, [doc_id], chat)
         rankings = {}
         for label, heads, ranking in (("lift+heads", calibrated, "lift"), ("lift", None, "lift")):
-            if label == "lift+heads" and heads is None:
+            if (label == "lift+heads" and heads is None) or "memory" not in todo:  # the memory rows' figure
                 continue
             memory.voting_heads = heads
             ranked = memory._passages(records, prompt, chat, True, ranking)
@@ -362,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["baselines", "rag", "memory"])
     parser.add_argument("--models", nargs="+", default=["smollm2", "smollm2-fot"])
     parser.add_argument("--read-modes", nargs="+", default=list(READ_MODES), choices=list(READ_MODES))
+    parser.add_argument("--answer-modes", nargs="+", default=list(ANSWER_MODES), choices=list(ANSWER_MODES),
+                        help="the memory methods' answer modes")
     parser.add_argument("--lengths", nargs="+", type=int, default=[4096, 16384, 65536])
     parser.add_argument("--max-new-tokens", type=int, default=32, help="per answer; generation stops at the first newline")
     parser.add_argument("--question-suffix", default="", help="appended to question-form questions")

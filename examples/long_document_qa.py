@@ -5,9 +5,10 @@ window by window, into an embedded store (a directory: float16 keys and values, 
 indexes, SQLite metadata; no server). Each question then goes to the index's query engine in a
 fresh local context, so every fact the answer needs lies in memory, far outside the model's
 window; the response's `source_nodes` are the passages that drew the most memory attention.
-Answers are shown in the default answer mode (memory: the memory layers attend while answering),
-in reread mode (those passages placed before the question, memory still attached), and from the
-plain model without memory.
+Answers are shown in the default answer mode (passages: those passages' text placed before the
+question, answered from with memory detached), in memory mode (the memory layers attend while
+answering), in reread mode (passages placed, memory still attached), and from the plain model
+without memory.
 Run it twice: the second run finds the novel already stored and answers at once.
 
     python examples/long_document_qa.py                  # chapters 1-4 (~6,200 tokens; minutes on 2 CPU cores)
@@ -64,15 +65,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{record.name}: {record.num_tokens} tokens, {state}; store {args.store}\n")
 
         engine = index.as_query_engine(memory_docs=[record.name], chat=args.chat,
-                                       max_new_tokens=args.max_new_tokens, num_sources=2)  # answer_mode="memory"
-        reread = index.as_query_engine(memory_docs=[record.name], chat=args.chat, answer_mode="reread",
-                                       max_new_tokens=args.max_new_tokens, num_sources=2)
+                                       max_new_tokens=args.max_new_tokens, num_sources=2)  # answer_mode="passages"
+        others = {mode: index.as_query_engine(memory_docs=[record.name], chat=args.chat, answer_mode=mode,
+                                              max_new_tokens=args.max_new_tokens, num_sources=2)
+                  for mode in ("memory", "reread")}
         plain = index.as_llm(memory_docs=[], max_new_tokens=args.max_new_tokens)  # same model, no memory
         for question in args.question or QUESTIONS:
             response = engine.query(question)
-            print(f"Q: {question}\nA (memory):    {_line(response.response)}")
+            print(f"Q: {question}\nA (passages):  {_line(response.response)}")
             if args.compare:
-                print(f"A (reread):    {_line(reread.query(question).response)}")
+                for mode, other in others.items():
+                    print(f"A ({mode}):{' ' * (10 - len(mode))}{_line(other.query(question).response)}")
                 alone = plain.chat([_user(question)]).message.content if args.chat else plain.complete(question).text
                 print(f"A (no memory): {_line(alone)}")
             for found in response.source_nodes:

@@ -48,7 +48,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_answers_from_disk_in_a_new_process_equal_the_in_ram_exact_memory(store_dir, tiny_model_dir, document):
-    answer = json.loads(_cli("ask", QUESTION, "--store", str(store_dir), "--no-chat",
+    answer = json.loads(_cli("ask", QUESTION, "--store", str(store_dir), "--no-chat", "--answer-mode", "memory",
                              "--max-new-tokens", "8", "--json").stdout)
     from fot_memory_plugin.models.loading import load_model
 
@@ -58,7 +58,7 @@ def test_answers_from_disk_in_a_new_process_equal_the_in_ram_exact_memory(store_
         expected = engine.answer(QUESTION, chat=False, max_new_tokens=8)
     assert answer["answer"] == expected
     scanned = json.loads(_cli("ask", QUESTION, "--store", str(store_dir), "--no-chat", "--max-new-tokens", "8",
-                              "--exact", "--json").stdout)
+                              "--answer-mode", "memory", "--exact", "--json").stdout)
     assert scanned["answer"] == expected
     text = document.read_text(encoding="utf-8")
     assert answer["sources"], "an answer from memory cites the passages it attended to"

@@ -77,7 +77,7 @@ def test_retriever_returns_the_passages_that_draw_memory_attention(store_dir, li
         assert node.relationships[NodeRelationship.SOURCE].node_id == ids[node.metadata["doc_id"]]
 
 
-@pytest.mark.parametrize("answer_mode", ["memory", "reread"])
+@pytest.mark.parametrize("answer_mode", ["memory", "reread", "passages"])
 def test_query_engine_answers_with_source_nodes_in_the_right_document(store_dir, library, answer_mode):
     texts = _texts(library)
     with FoTMemoryIndex.from_persist_dir(store_dir, readonly=True) as index:
@@ -90,7 +90,7 @@ def test_query_engine_answers_with_source_nodes_in_the_right_document(store_dir,
                                           answer_mode=answer_mode).query(QUESTION)
     assert isinstance(response, Response) and response.response == expected.text
     assert by_ref_id.response == expected.text  # documents are chosen by name, store id or llama-index id
-    # memory: the 3 passages that drew most attention; reread: the passages it placed (the tiny
+    # memory: the 3 passages that drew most attention; reread, passages: the passages placed (the tiny
     # model's 64-token window has room for one beside the question), then the next-ranked
     assert len(response.source_nodes) == 3
     for found in response.source_nodes:

@@ -51,7 +51,7 @@ def test_unknown_options_are_refused_naming_the_accepted_ones(index):
     with pytest.raises(UnknownOptionError, match="'similarity_topk'.*similarity_top_k") as refused:
         index.as_query_engine(similarity_topk=2)
     assert isinstance(refused.value, TypeError) and "streaming" in refused.value.accepted
-    with pytest.raises(UnknownOptionError, match="response_mode.*answer_mode='memory' or 'reread'"):
+    with pytest.raises(UnknownOptionError, match="response_mode.*answer_mode='memory', 'passages' or 'reread'"):
         index.as_query_engine(response_mode="compact")
     with pytest.raises(UnknownOptionError, match="as_retriever does not take 'streaming'"):
         index.as_retriever(streaming=True)

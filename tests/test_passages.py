@@ -14,6 +14,7 @@ import torch
 
 from conftest import BOOK, QUESTION
 from fot_memory_plugin import MemoryConfig
+from fot_memory_plugin.core.config import ANSWER_MODES
 from fot_memory_plugin.apps.cli import main
 from fot_memory_plugin.documents.document_memory import DocumentMemory
 from fot_memory_plugin.integrations.llama_index.index import FoTMemoryIndex
@@ -54,11 +55,27 @@ def test_passages_fit_the_budget_best_first_and_are_placed_in_document_order():
     text = "Alpha one. Beta two. Gamma three. Delta four."
     chunks = _chunks("d", [(0, 10), (11, 20), (21, 33), (34, 45)], text)
     ranked = [ScoredChunk("d", chunks[i], share, share) for i, share in ((2, 0.5), (0, 0.3), (3, 0.1), (1, 0.05))]
-    chosen = choose_passages(ranked, budget_tokens=25)  # two 10-token chunks fit
-    assert [item.chunk.index for item in chosen] == [2, 0]
+    chosen = choose_passages(ranked, budget_tokens=25, around=0)  # two 10-token chunks fit
+    assert [passage.hit.chunk.index for passage in chosen] == [2, 0]
     assert passage_text(chosen, ["d"]) == "Alpha one.\n\nGamma three."
-    everything = choose_passages(ranked, budget_tokens=40)
+    everything = choose_passages(ranked, budget_tokens=40, around=0)
     assert passage_text(everything, ["d"]) == text  # adjacent chunks merge back into the text
+
+
+def test_each_hit_is_placed_with_its_neighbours_once_and_alone_when_they_do_not_fit():
+    text = "Alpha one. Beta two. Gamma three. Delta four. Epsilon five."
+    chunks = _chunks("d", [(0, 10), (11, 20), (21, 33), (34, 45), (46, 59)], text)
+    of = lambda doc: (chunks, np.array([c.start_token for c in chunks]))  # noqa: E731
+    ranked = [ScoredChunk("d", chunks[i], share, share) for i, share in ((1, 0.5), (2, 0.3), (4, 0.1))]
+    chosen = choose_passages(ranked, budget_tokens=50, chunks_of=of)
+    # hit 1 brings chunks 0-2; hit 2 is already placed; hit 4 and its free neighbour 3 fill the rest
+    assert [(p.hit.chunk.index, [c.index for c in p.chunks]) for p in chosen] == [(1, [0, 1, 2]), (2, []), (4, [3, 4])]
+    assert passage_text(chosen, ["d"]) == text
+    assert [p.hit.chunk.index for p in choose_passages(ranked, 40, of)] == [1, 2, 4]  # 4 alone: 10 tokens left
+    tight = choose_passages(ranked, budget_tokens=25, chunks_of=of)  # 30 tokens around hit 1 do not fit
+    assert [(p.hit.chunk.index, [c.index for c in p.chunks]) for p in tight] == [(1, [1]), (2, [2])]
+    with pytest.raises(ValueError, match="chunks_of"):
+        choose_passages(ranked, budget_tokens=40)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +95,7 @@ def test_reread_of_a_document_shorter_than_the_window_asks_with_the_document_in_
         ranked = memory._passages(records, prompt, False, True, "lift")
         chosen, reread = memory._reread_prompt(QUESTION, ranked, records, False, 4)
         chunks = memory.store.chunks(records[0].id)
-        assert len(chosen) == len(chunks)  # everything fits: every chunk is placed
+        assert {c.index for p in chosen for c in p.chunks} == {c.index for c in chunks}  # everything is placed
         document = BOOK.read_text(encoding="utf-8")[:600]
         placed = memory.engine.tokenizer.decode(reread[0])
         assert " ".join(placed.split()) == " ".join(f"{document}\n\n{QUESTION}".split())
@@ -87,7 +104,11 @@ def test_reread_of_a_document_shorter_than_the_window_asks_with_the_document_in_
             direct = memory.engine.generate(memory.engine.encode(f"{passage_text(chosen, [records[0].id])}\n\n{QUESTION}"),
                                             max_new_tokens=4)
         assert answer.text == memory.engine.tokenizer.decode(direct[0], skip_special_tokens=True).strip()
-        assert [s.start_char for s in answer.sources] == [item.chunk.start_char for item in chosen[:3]]
+        assert [s.start_char for s in answer.sources] == [p.hit.chunk.start_char for p in chosen[:3]]
+        plain = memory.ask(QUESTION, chat=False, max_new_tokens=4, answer_mode="passages", exact=True)
+        text = memory.engine.generate(reread, max_new_tokens=4, plain=True)  # the same text, memory detached
+        assert plain.text == memory.engine.tokenizer.decode(text[0], skip_special_tokens=True).strip()
+        assert plain.sources == answer.sources
 
 
 def test_reread_places_only_what_fits_beside_question_and_answer(short_store, tiny_model_dir):
@@ -97,10 +118,10 @@ def test_reread_places_only_what_fits_beside_question_and_answer(short_store, ti
         prompt = memory.engine.encode(QUESTION)
         ranked = memory._passages(records, prompt, False, True, "lift")
         chosen, reread = memory._reread_prompt(QUESTION, ranked, records, False, 8)
-        assert len(chosen) < len(memory.store.chunks(records[0].id))
+        assert len({c.index for p in chosen for c in p.chunks}) < len(memory.store.chunks(records[0].id))
         assert reread.shape[1] + 8 <= memory.engine.config.context_length
         budget = memory.engine.config.context_length - prompt.shape[1] - 8
-        assert chosen == choose_passages(ranked, budget)[: len(chosen)] and chosen
+        assert chosen == choose_passages(ranked, budget, memory._chunks_of)[: len(chosen)] and chosen
         expected = f"{passage_text(chosen, [records[0].id])}\n\n{QUESTION}"
         assert memory.engine.tokenizer.decode(reread[0]) == memory.engine.tokenizer.decode(
             memory.engine.encode(expected)[0])
@@ -108,13 +129,13 @@ def test_reread_places_only_what_fits_beside_question_and_answer(short_store, ti
 
 def test_every_answer_mode_is_reachable_from_cli_llm_query_engine_and_block(short_store, tmp_path, capsys):
     store = Path(shutil.copytree(short_store, tmp_path / "store"))
-    for mode in ("memory", "reread"):
+    for mode in ANSWER_MODES:
         capsys.readouterr()
         code = main(["ask", QUESTION, "--store", str(store), "--no-chat", "--max-new-tokens", "2", "--json",
                      "--answer-mode", mode, "--ranking", "attention"])
         assert code == 0 and json.loads(capsys.readouterr().out)["sources"]
     with FoTMemoryIndex.from_persist_dir(store) as index:
-        for mode in ("memory", "reread"):
+        for mode in ANSWER_MODES:
             response = index.as_query_engine(answer_mode=mode, max_new_tokens=2).query(QUESTION)
             assert response.source_nodes
             llm = FoTMemoryLLM(document_memory=index.memory, answer_mode=mode, max_new_tokens=2)

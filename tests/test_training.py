@@ -175,6 +175,16 @@ def test_memory_attention_delta_is_small_and_reapplies(tmp_path):
     for (name, trained), applied in zip(base.named_parameters(), fresh.parameters()):
         torch.testing.assert_close(applied, trained, atol=1e-3, rtol=1e-3, msg=name)
 
+    # generating without memory uses the base weights; the tuned ones come back afterwards
+    original = tiny_llama(num_layers=4, seed=5)
+    ids = torch.randint(0, original.config.vocab_size, (1, 12))
+    with MemoryEngine(fresh, None, MemoryConfig(mem_layers=(1, 3), local_window=16),
+                      base_weights={name: base_state[name] for name in changed}) as engine:
+        with engine.base_model() as model, torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, original(ids).logits)
+        for (name, trained), restored in zip(base.named_parameters(), fresh.parameters()):
+            torch.testing.assert_close(restored, trained, atol=1e-3, rtol=1e-3, msg=name)
+
     other = tiny_llama(num_layers=3)
     with pytest.raises(DeltaMismatchError, match="not from the loaded model"):
         apply_delta(other, delta, model_fingerprint(other, "tiny")["config_hash"])
@@ -278,6 +288,8 @@ def test_train_command_writes_a_delta_that_load_model_applies(smollm2, tmp_path)
     base = dict(smollm2.model.named_parameters())
     changed = {name for name, p in tuned.model.named_parameters() if not torch.equal(p, base[name])}
     assert changed and all(".layers.3.self_attn." in name or ".layers.7.self_attn." in name for name in changed)
+    assert set(tuned.base_weights) == set(read_delta(out / "delta").tensors) >= changed
+    assert all(torch.equal(tuned.base_weights[name], base[name].float()) for name in tuned.base_weights)
 
 
 @pytest.mark.slow

@@ -206,7 +206,7 @@ def _engine(args: argparse.Namespace):
         mem_layers=layers, local_window=args.local_window, top_k=args.top_k, positional_mode=args.mode,
         retrieval=args.retrieval,
     )
-    return MemoryEngine(loaded.model, loaded.tokenizer, config)
+    return MemoryEngine(loaded.model, loaded.tokenizer, config, base_weights=loaded.base_weights)
 
 
 def _eval_passkey(args: argparse.Namespace) -> int:

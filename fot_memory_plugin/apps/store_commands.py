@@ -61,8 +61,9 @@ def add_store_commands(commands: argparse._SubParsersAction) -> None:
     ask.add_argument("--exact", action="store_true",
                      help="scan every stored key instead of the hnswlib indexes (the reference; slower)")
     ask.add_argument("--answer-mode", choices=ANSWER_MODES, default=DEFAULT_ANSWER_MODE,
-                     help="memory: the memory layers attend while answering; reread: the passages the question "
-                          "draws attention to are put, as text, before it (default: %(default)s)")
+                     help="memory: the memory layers attend while answering; passages: the passages the question "
+                          "draws memory attention to are put, as text, before it and answered from with memory "
+                          "detached; reread: the same with memory attached (default: %(default)s)")
     ask.add_argument("--ranking", choices=RANKINGS, default=DEFAULT_RANKING,
                      help="source ranking: lift (attention beyond a question-independent probe) or attention "
                           "(default: %(default)s)")

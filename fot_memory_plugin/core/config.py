@@ -16,17 +16,17 @@ RETRIEVALS: tuple[str, ...] = ("exact", "hnsw", "blocks")
 MEM_DTYPES = ("float32", "float16", "bfloat16")
 
 # How a question is answered from stored documents, and how its sources are ranked (passages.py).
-AnswerMode = Literal["memory", "reread"]
+AnswerMode = Literal["memory", "reread", "passages"]
 Ranking = Literal["lift", "attention"]
-ANSWER_MODES: tuple[str, ...] = ("memory", "reread")
+ANSWER_MODES: tuple[str, ...] = ("memory", "reread", "passages")
 RANKINGS: tuple[str, ...] = ("lift", "attention")
 # Decided on long-document QA (benchmarks/long_doc_qa.py, 70 questions over three held-out books,
-# smollm2-fot read without retrieval): reread answers 21/70 at ~4k tokens and 15/63 at ~16k
-# against 19/70 and 11/64 for memory alone, a margin of a few questions, while it gets the main
-# job's second question and the README's llama-index examples wrong that memory answers: memory
-# stays the default, reread one option away. Lift keeps the document's opening and other
-# attention sinks out of the sources (planted facts, benchmarks/README.md).
-DEFAULT_ANSWER_MODE: AnswerMode = "memory"
+# smollm2-fot read without retrieval, H200): "passages" (the cited passages' text, each with a
+# neighbour either side, answered from by the base weights with memory detached) answers 28, 28
+# and 25 of 70 at ~4k, ~16k and ~64k tokens, against 19, 11 and 3 for memory alone, 22, 21 and 16
+# for reread and 26, 26 and 25 for RAG. Lift keeps the document's opening and other attention
+# sinks out of the sources (planted facts, benchmarks/README.md).
+DEFAULT_ANSWER_MODE: AnswerMode = "passages"
 # How a store indexes a document's keys (persistence/: cluster_index.py, hnsw_index.py). Clusters
 # by default: on a whole novel's asked queries the same recall@32 as hnswlib at its default ef
 # (0.967), stores 2.5x smaller (3.9 KB per token for 5 layers, against 9.9), opened and first

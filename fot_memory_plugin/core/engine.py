@@ -47,10 +47,17 @@ class MemoryEngine:
         tokenizer: Any,
         config: MemoryConfig | None = None,
         memories: Mapping[int, Memory] | None = None,
+        *,
+        base_weights: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
+        """base_weights: the parameters a FoT delta changed, as the base model has them
+        (`LoadedModel.base_weights`); plain generation answers with them."""
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or MemoryConfig()
+        parameters = dict(model.named_parameters())
+        self._base_weights = {name: weight.to(device=parameters[name].device, dtype=parameters[name].dtype)
+                              for name, weight in (base_weights or {}).items()}
         self.layers = self.config.layers_for(num_layers(model))
         self.router = MemoryRouter(self.config, memories or self._fresh_memories())
         self.adapter = adapter_for(model, self.layers, self.router).attach()
@@ -95,6 +102,22 @@ class MemoryEngine:
             yield self.model
         finally:
             self.adapter.attach()
+
+    @contextlib.contextmanager
+    def base_model(self) -> Iterator[torch.nn.Module]:
+        """Memory detached and the base model's weights in place of a FoT delta's, for the
+        duration: a delta trains the memory layers to attend to memory, and text in the prompt
+        alone is what the base model was tuned for (benchmarks/README.md, "Long-document QA")."""
+        parameters = dict(self.model.named_parameters())
+        tuned = {name: parameters[name].data for name in self._base_weights}
+        with self.detached():
+            try:
+                for name, weight in self._base_weights.items():
+                    parameters[name].data = weight
+                yield self.model
+            finally:
+                for name, weight in tuned.items():
+                    parameters[name].data = weight
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -214,8 +237,8 @@ class MemoryEngine:
     ) -> torch.Tensor:
         """New token ids (1, M) continuing prompt_ids (1, N), the memory layers retrieving from memory.
 
-        plain=True runs the unpatched model over the whole prompt in its context, memory unused
-        (a baseline, or an LLM asked without documents). Further keyword arguments go to
+        plain=True runs the base model (`base_model()`) over the whole prompt in its context,
+        memory unused (a baseline, an LLM asked without documents, or passages read as text). Further keyword arguments go to
         `model.generate` (for example min_new_tokens).
         """
         prompt_ids = prompt_ids.to(self.device) if plain else self._split_prompt(prompt_ids.to(self.device))
@@ -224,7 +247,7 @@ class MemoryEngine:
             options.update(temperature=temperature, top_p=top_p)
         else:  # silence generation_config's sampling defaults under greedy decoding
             options.update(temperature=None, top_p=None, top_k=None)
-        with self.detached() if plain else contextlib.nullcontext():
+        with self.base_model() if plain else contextlib.nullcontext():
             output = self.model.generate(
                 input_ids=prompt_ids,
                 attention_mask=torch.ones_like(prompt_ids),

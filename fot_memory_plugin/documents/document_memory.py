@@ -30,6 +30,7 @@ from .passages import (
     BASELINE_PROBE,
     AnswerMode,
     Ranking,
+    Passage,
     ScoredChunk,
     choose_passages,
     chunk_shares,
@@ -192,7 +193,7 @@ class DocumentMemory:
             config = STORE_DEFAULTS.replace(**_as_config_fields(recorded["memory_config"]))
         elif config is None:  # a new store: a FoT-tuned model reads with its own layers
             config = loaded.memory_config_for(STORE_DEFAULTS)
-        engine = MemoryEngine(loaded.model, loaded.tokenizer, config)
+        engine = MemoryEngine(loaded.model, loaded.tokenizer, config, base_weights=loaded.base_weights)
         fingerprint = {
             "load_as": load_as,
             "model": model_fingerprint(loaded.model, loaded.model_id),
@@ -338,10 +339,12 @@ class DocumentMemory:
         """Answer from the documents named in `docs` (ids or names; None: all), with sources.
 
         answer_mode: "memory" generates with the memory layers attending to the documents;
-        "reread" first finds the passages the question draws memory attention to, puts their
-        text (document order, as many as fit the local context beside the question and the
-        answer) before the question, then generates with memory still attached; its sources are
-        those passages, then the next-ranked ones up to num_sources. ranking: "lift" ranks
+        "passages" first finds the passages the question draws memory attention to, puts their
+        text (each with a neighbouring chunk either side, document order, as much as fits the
+        local context beside the question and the answer) before the question, then generates
+        from that text with memory detached; "reread" does the same with memory still attached.
+        Their sources are the placed passages' cited chunks, then the next-ranked ones up to
+        num_sources. ranking: "lift" ranks
         passages by the attention the question gives them beyond a question-independent probe
         (attention sinks drop out), "attention" by plain share. exact=True scans every stored key instead of searching the hnswlib indexes: the
         reference, slower on large stores. A damaged document is left out (with a warning, and
@@ -353,15 +356,19 @@ class DocumentMemory:
             raise ValueError(f"answer_mode must be one of {ANSWER_MODES}, got {answer_mode!r}.")
         records, left_out, prompt = self._records_and_prompt(question, docs, chat)
         by_id = {record.id: record for record in records}
-        if answer_mode == "reread":
+        if answer_mode in ("reread", "passages"):
             ranked = self._passages(records, prompt, chat, exact, ranking)
-            chosen, prompt = self._reread_prompt(question, ranked, records, chat, max_new_tokens)
-            if not chosen:
-                logger.warning("no passage fits the local context beside the question: answering from memory alone")
-            with self._attending(records, exact):
-                text = self._generate(prompt, max_new_tokens, on_text, generate_options)
-            # the placed passages first, then (memory is still attached) the next-ranked ones
-            cited = chosen + [item for item in ranked if item not in chosen]
+            placed, prompt = self._reread_prompt(question, ranked, records, chat, max_new_tokens)
+            if not placed:
+                logger.warning("no passage fits the local context beside the question: answering from %s alone",
+                               "memory" if answer_mode == "reread" else "the question")
+            if answer_mode == "reread":
+                with self._attending(records, exact):
+                    text = self._generate(prompt, max_new_tokens, on_text, generate_options)
+            else:
+                text = self._generate(prompt, max_new_tokens, on_text, {**generate_options, "plain": True})
+            hits = [passage.hit for passage in placed]
+            cited = hits + [item for item in ranked if item not in hits]
             return Answer(text, [_source(item, by_id) for item in cited[:num_sources]], left_out)
         with self._attending(records, exact) as (memories, attention):
             text = self._generate(prompt, max_new_tokens, on_text, generate_options)
@@ -430,19 +437,19 @@ class DocumentMemory:
         return self._baselines[key]
 
     def _reread_prompt(self, question: str, ranked: list[ScoredChunk], records: list[DocumentRecord], chat: bool,
-                       max_new_tokens: int) -> tuple[list[ScoredChunk], torch.Tensor]:
+                       max_new_tokens: int) -> tuple[list[Passage], torch.Tensor]:
         """(the passages placed, best first; the prompt: their text in document order, a blank
         line, the question), within the local context less the question's and answer's tokens."""
         prompt = self._prompt(question, chat)
         budget = self.engine.config.context_length - prompt.shape[1] - max_new_tokens
-        chosen = choose_passages(ranked, budget)
+        placed = choose_passages(ranked, budget, self._chunks_of)
         while True:
-            text = passage_text(chosen, [record.id for record in records])
+            text = passage_text(placed, [record.id for record in records])
             content = f"{text}\n\n{question}" if text else question
             full = self._prompt(content, chat)
-            if full.shape[1] + max_new_tokens <= self.engine.config.context_length or not chosen:
-                return chosen, full
-            chosen = chosen[:-1]  # re-encoded text can be a few tokens longer than its chunks
+            if full.shape[1] + max_new_tokens <= self.engine.config.context_length or not placed:
+                return placed, full
+            placed = placed[:-1]  # re-encoded text can be a few tokens longer than its chunks
 
     def _prompt(self, text: str, chat: bool) -> torch.Tensor:
         """Token ids (1, N) of `text`, in the chat template or as plain text to complete."""

@@ -10,12 +10,15 @@ search the head beside the stored documents while answering (`MemoryEngine.promp
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Callable, Sequence
 
 import torch
 
 from ..core.engine import MemoryEngine
 from .document_memory import Answer, DocumentMemory
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ask_any_length", "answer_plain", "split_prompt", "trained_positions"]
 
@@ -47,13 +50,17 @@ def ask_any_length(
     """`DocumentMemory.ask`, for a question of any length: a question longer than the local
     context (after the chat template, if chat) has its head read into memory beside the documents.
 
-    Re-read answering keeps half the local context for its passages. Hits in the head are never
-    sources (they are no stored token).
+    Re-read answering keeps half the local context for its passages; "passages" mode answers such
+    a question as "reread" does (memory attached), since the head is only in memory. Hits in the
+    head are never sources (they are no stored token).
     """
     engine = memory.engine
     if len(_prompt_ids(engine, question, chat)) <= engine.config.context_length:
         return memory.ask(question, docs=docs, chat=chat, answer_mode=answer_mode, ranking=ranking, **options)
     text = engine.tokenizer.decode(_prompt_ids(engine, question, chat)) if chat else question
+    if answer_mode == "passages":  # the head is only in memory: generate with memory attached
+        logger.info("the question is longer than the local context: answering in reread mode")
+        answer_mode = "reread"
     keep = engine.config.context_length // (2 if answer_mode == "reread" else 1)
     head, tail = split_prompt(engine, text, keep)
     if ranking == "lift":  # the probe's shares are computed once and cached: now, without the head

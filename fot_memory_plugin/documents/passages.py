@@ -6,10 +6,11 @@ cuts; a longer sentence is cut between words), so a cited passage reads as prose
 runs: attention sinks), so the ranking can subtract what a question-independent probe gives each
 chunk: `lift = share under the question - share under the probe`.
 
-Re-read answering (`answer_mode="reread"`) puts the best-ranked passages' text, in document
-order, into the local context ahead of the question and generates with memory still attached:
-memory attention chooses the evidence, and the model reads it verbatim instead of through a
-few retrieved keys per layer.
+Re-read answering puts the best-ranked chunks' text, each with a neighbouring chunk either side,
+in document order, into the local context ahead of the question: memory attention chooses the
+evidence, and the model reads it verbatim instead of through a few retrieved keys per layer.
+`answer_mode="passages"` then generates with memory detached (the answer comes from the placed
+text alone), `"reread"` with memory still attached.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ from ..core.config import ANSWER_MODES, RANKINGS, AnswerMode, Ranking
 from ..persistence import Chunk
 
 __all__ = ["CHUNK_TOKENS", "sentence_chunks", "ScoredChunk", "AnswerMode", "Ranking", "ANSWER_MODES", "RANKINGS", "BASELINE_PROBE",
-           "chunk_shares", "chunk_sums", "rank_chunks", "choose_passages", "passage_text"]
+           "chunk_shares", "chunk_sums", "rank_chunks", "choose_passages", "passage_text", "Passage", "CONTEXT_CHUNKS"]
 
 CHUNK_TOKENS = 64  # at most, per cited passage: a sentence or two of prose
+# Chunks placed either side of each cited chunk when its text re-enters the prompt: the answer
+# often sits in the sentence after the one the question paraphrases (benchmarks/README.md).
+CONTEXT_CHUNKS = 1
 
 # A question about nothing in particular: the attention it pays is the question-independent part.
 BASELINE_PROBE = "Here is a question about the text."
@@ -115,32 +119,61 @@ def rank_chunks(shares: dict[str, np.ndarray], baseline: dict[str, np.ndarray] |
     return sorted(scored, key=key, reverse=True)
 
 
-def choose_passages(ranked: Sequence[ScoredChunk], budget_tokens: int) -> list[ScoredChunk]:
-    """The best-ranked chunks whose tokens fit `budget_tokens` together, still best first."""
-    chosen, used = [], 0
+@dataclass(frozen=True)
+class Passage:
+    """A cited chunk placed before the question, with the neighbouring chunks placed around it
+    (in document order; empty when an earlier passage already placed this chunk)."""
+
+    hit: ScoredChunk
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(chunk.end_token - chunk.start_token for chunk in self.chunks)
+
+
+def choose_passages(ranked: Sequence[ScoredChunk], budget_tokens: int, chunks_of: ChunksOf | None = None,
+                    around: int = CONTEXT_CHUNKS) -> list[Passage]:
+    """The best-ranked chunks, each with `around` neighbouring chunks either side, that fit
+    `budget_tokens` together, best first. A hit whose neighbours do not fit is placed alone if it
+    fits; a chunk is placed once. chunks_of is needed when around > 0."""
+    if around and chunks_of is None:
+        raise ValueError("choose_passages needs chunks_of to place neighbouring chunks (around > 0).")
+    chosen: list[Passage] = []
+    placed: set[tuple[str, int]] = set()
+    used = 0
     for item in ranked:
-        size = item.chunk.end_token - item.chunk.start_token
-        if used + size <= budget_tokens:
-            chosen.append(item)
-            used += size
+        index = item.chunk.index
+        if (item.doc_id, index) in placed:  # already in context as an earlier hit's neighbour
+            chosen.append(Passage(item, ()))
+            continue
+        nearby = chunks_of(item.doc_id)[0][max(0, index - around) : index + around + 1] if around else [item.chunk]
+        for group in ([c for c in nearby if (item.doc_id, c.index) not in placed], [item.chunk]):
+            size = sum(chunk.end_token - chunk.start_token for chunk in group)
+            if used + size <= budget_tokens:
+                chosen.append(Passage(item, tuple(group)))
+                placed.update((item.doc_id, chunk.index) for chunk in group)
+                used += size
+                break
     return chosen
 
 
-def passage_text(chosen: Sequence[ScoredChunk], doc_order: Sequence[str]) -> str:
-    """The chosen chunks' stored text: adjacent chunks of a document joined into one passage,
+def passage_text(chosen: Sequence[Passage], doc_order: Sequence[str]) -> str:
+    """The placed chunks' stored text: adjacent chunks of a document joined into one passage,
     passages separated by a blank line, documents in `doc_order`."""
     position = {doc_id: number for number, doc_id in enumerate(doc_order)}
-    ordered = sorted(chosen, key=lambda item: (position[item.doc_id], item.chunk.start_token))
+    placed = {(passage.hit.doc_id, chunk.index): (passage.hit.doc_id, chunk)
+              for passage in chosen for chunk in passage.chunks}
+    ordered = sorted(placed.values(), key=lambda item: (position[item[0]], item[1].start_token))
     passages: list[str] = []
-    previous: ScoredChunk | None = None
-    for item in ordered:
-        adjacent = (previous is not None and previous.doc_id == item.doc_id
-                    and previous.chunk.end_token == item.chunk.start_token)
+    previous: tuple[str, Chunk] | None = None
+    for doc_id, chunk in ordered:
+        adjacent = previous is not None and previous[0] == doc_id and previous[1].end_token == chunk.start_token
         if adjacent:
-            gap = "" if previous.chunk.end_char == item.chunk.start_char else " "
-            passages[-1] += gap + item.chunk.text
+            gap = "" if previous[1].end_char == chunk.start_char else " "
+            passages[-1] += gap + chunk.text
         else:
-            passages.append(item.chunk.text)
-        previous = item
+            passages.append(chunk.text)
+        previous = (doc_id, chunk)
     passages = [passage.strip() for passage in passages]
     return "\n\n".join(passages)

@@ -120,6 +120,9 @@ class LoadedModel:
     # A delta from `fot-memory train` learnt memory keys computed without retrieval (cross-batch
     # training reads each window on its own), so documents are best read that way too.
     reads_without_retrieval: bool = False
+    # The parameters a FoT delta changed, as the base model had them (float32, CPU): generating
+    # without memory uses them (MemoryEngine.base_model). None without a delta.
+    base_weights: dict[str, torch.Tensor] | None = None
 
     def memory_config_for(self, base: MemoryConfig) -> MemoryConfig:
         """`base` with what a FoT delta was trained for (memory layers, window, positional mode);
@@ -191,20 +194,25 @@ def load_model(
         model, tokenizer, source, model_id = _load_other(name, torch_dtype)
     # A LongLLaMA / FoT checkpoint names its memory layers in its config (longllama.py).
     memory_config = checkpoint_memory_config(model.config)
+    base_weights = None
     if delta is not None:
-        model_id, memory_config = _apply_delta(model, model_id, Path(delta))
+        model_id, memory_config, base_weights = _apply_delta(model, model_id, Path(delta))
     _prepare(model, tokenizer, torch_dtype, device)
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, source_path=source,
-                       memory_config=memory_config, reads_without_retrieval=delta is not None)
+                       memory_config=memory_config, reads_without_retrieval=delta is not None,
+                       base_weights=base_weights)
 
 
-def _apply_delta(model: PreTrainedModel, model_id: str, path: Path) -> tuple[str, MemoryConfig]:
-    """Apply a FoT delta in place; the model id names the delta, so stores never mix the two models."""
+def _apply_delta(model: PreTrainedModel, model_id: str, path: Path) -> tuple[str, MemoryConfig, dict[str, torch.Tensor]]:
+    """Apply a FoT delta in place; the model id names the delta, so stores never mix the two
+    models. Returns (model id, memory config, the changed parameters' base values)."""
     if not path.is_dir():
         raise ModelNotFoundError(f"No FoT delta at {path}: give a directory written by `fot-memory train`.")
     delta = read_delta(path)
+    parameters = dict(model.named_parameters())
+    base = {name: parameters[name].detach().float().clone() for name in delta.tensors if name in parameters}
     apply_delta(model, delta, _config_hash(model.config))
-    return f"{model_id}+fot-{delta.sha256[:12]}", delta.memory_config
+    return f"{model_id}+fot-{delta.sha256[:12]}", delta.memory_config, base
 
 
 def model_fingerprint(model: PreTrainedModel | PreTrainedConfig, model_id: str) -> dict[str, Any]:

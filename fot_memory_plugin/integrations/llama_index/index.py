@@ -321,8 +321,9 @@ class FoTMemoryQueryEngine(CustomQueryEngine):
     max_new_tokens: int = Field(default=32, gt=0, description="The most tokens in an answer.")
     num_sources: int = Field(default=3, ge=0, description="Source nodes per response.")
     answer_mode: AnswerMode = Field(
-        default=DEFAULT_ANSWER_MODE, description="'memory' (the memory layers attend while answering) or "
-        "'reread' (the passages the question draws attention to are put, as text, before it).",
+        default=DEFAULT_ANSWER_MODE, description="'memory' (the memory layers attend while answering), "
+        "'passages' (the passages the question draws attention to are put, as text, before it; memory "
+        "detached) or 'reread' (the same, memory attached).",
     )
     ranking: Ranking = Field(default=DEFAULT_RANKING, description="Passage ranking: 'lift' or 'attention'.")
     streaming: bool = Field(
@@ -372,7 +373,7 @@ _QUERY_ENGINE_OPTIONS = {"memory_docs", "chat", "max_new_tokens", "num_sources",
 # llama-index options that exist elsewhere but mean nothing here, and what to use instead.
 _NOT_APPLICABLE = {
     "response_mode": "A FoT answer is one generation from memory, not a synthesis over retrieved chunks: choose "
-                     "answer_mode='memory' or 'reread' instead of a response_mode.",
+                     "answer_mode='memory', 'passages' or 'reread' instead of a response_mode.",
     "llm": "The index answers with its own model (the one its store recorded); as_llm() gives it as an LLM.",
     "text_qa_template": "Questions go to the model as they are (chat=True wraps them in the chat template).",
     "node_postprocessors": "Sources are ranked by memory attention (ranking='lift' or 'attention').",

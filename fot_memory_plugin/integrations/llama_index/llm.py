@@ -104,8 +104,9 @@ class FoTMemoryLLM(RefusesFunctionCalling, CustomLLM):
     num_sources: int = Field(default=3, ge=0, description="Source passages reported per answer.")
     answer_mode: AnswerMode = Field(
         default=DEFAULT_ANSWER_MODE,
-        description="'memory': the memory layers attend to the documents while answering; 'reread': the "
-        "passages the prompt draws memory attention to are put, as text, before it (see documents/passages.py).",
+        description="'memory': the memory layers attend to the documents while answering; 'passages': the "
+        "passages the prompt draws memory attention to are put, as text, before it and answered from with "
+        "memory detached; 'reread': the same with memory attached (see documents/passages.py).",
     )
     ranking: Ranking = Field(
         default=DEFAULT_RANKING,
