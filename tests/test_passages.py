@@ -104,7 +104,11 @@ def test_reread_of_a_document_shorter_than_the_window_asks_with_the_document_in_
             direct = memory.engine.generate(memory.engine.encode(f"{passage_text(chosen, [records[0].id])}\n\n{QUESTION}"),
                                             max_new_tokens=4)
         assert answer.text == memory.engine.tokenizer.decode(direct[0], skip_special_tokens=True).strip()
-        assert [s.start_char for s in answer.sources] == [p.hit.chunk.start_char for p in chosen[:3]]
+        # one source per placed passage (a cited chunk and its neighbours), exactly the document's text there
+        spans = [(p.chunks[0].start_char, p.chunks[-1].end_char) for p in chosen if p.chunks]
+        assert [(s.start_char, s.end_char) for s in answer.sources] == spans[:3]
+        assert all(s.text == document[s.start_char:s.end_char] for s in answer.sources)
+        assert [s.lift for s in answer.sources] == [round(p.hit.lift, 6) for p in chosen if p.chunks][:3]
         plain = memory.ask(QUESTION, chat=False, max_new_tokens=4, answer_mode="passages", exact=True)
         text = memory.engine.generate(reread, max_new_tokens=4, plain=True)  # the same text, memory detached
         assert plain.text == memory.engine.tokenizer.decode(text[0], skip_special_tokens=True).strip()

@@ -238,8 +238,8 @@ class MemoryEngine:
         """New token ids (1, M) continuing prompt_ids (1, N), the memory layers retrieving from memory.
 
         plain=True runs the base model (`base_model()`) over the whole prompt in its context,
-        memory unused (a baseline, an LLM asked without documents, or passages read as text). Further keyword arguments go to
-        `model.generate` (for example min_new_tokens).
+        memory unused (a baseline, an LLM asked without documents, or passages read as text).
+        Further keyword arguments go to `model.generate` (for example min_new_tokens).
         """
         prompt_ids = prompt_ids.to(self.device) if plain else self._split_prompt(prompt_ids.to(self.device))
         options: dict[str, Any] = {"do_sample": do_sample}

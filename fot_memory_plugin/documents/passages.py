@@ -127,10 +127,6 @@ class Passage:
     hit: ScoredChunk
     chunks: tuple[Chunk, ...]
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(chunk.end_token - chunk.start_token for chunk in self.chunks)
-
 
 def choose_passages(ranked: Sequence[ScoredChunk], budget_tokens: int, chunks_of: ChunksOf | None = None,
                     around: int = CONTEXT_CHUNKS) -> list[Passage]:
