@@ -316,5 +316,6 @@ def test_a_fact_told_in_one_session_is_recalled_by_the_real_model_in_a_new_proce
     print(json.dumps(result, indent=2))
     assert FACT in result["prompt"] and question in result["prompt"]  # the block's passages hold what was said
     # The answer, through memory attention over Monday's conversation, carries it, citing the turn.
-    assert "7316" in result["answer"] and result["sources"][0]["text"] == f"user: {FACT}\n"
+    # the first source is the placed passage around the cited turn: the turn that holds the fact
+    assert "7316" in result["answer"] and f"user: {FACT}\n" in result["sources"][0]["text"]
     assert "7316" in result["chat"]  # and so does the plain chat with the passages before the question
