@@ -32,17 +32,19 @@ import _haystacks as hs  # noqa: E402
 import long_doc_qa as ldq  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+UNBOUNDED = 1 << 30  # a token budget every selection fits
 
 
-def widened(ranked, chunks_of, top: int, before: int, after: int):
-    """The `top` best cited chunks, each with neighbours, every chunk once (ScoredChunk-like list)."""
+def followed(ranked, chunks_of, top: int, after: int):
+    """The `top` best cited chunks, each with the `after` chunks that follow it, every chunk once
+    (choose_passages places neighbours symmetrically)."""
     from fot_memory_plugin.documents.passages import Passage
 
     placed, seen = [], set()
     for item in ranked[:top]:
         chunks, _ = chunks_of(item.doc_id)
         index = item.chunk.index
-        group = tuple(c for c in chunks[max(0, index - before): index + after + 1] if (item.doc_id, c.index) not in seen)
+        group = tuple(c for c in chunks[index: index + after + 1] if (item.doc_id, c.index) not in seen)
         seen.update((item.doc_id, c.index) for c in group)
         placed.append(Passage(item, group))
     return placed
@@ -89,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
             budget = engine.config.context_length - prompt.shape[1] - args.max_new_tokens
             variants = {
                 "fill": choose_passages(ranked, budget, around=0),
-                "top3": widened(ranked, memory._chunks_of, 3, 0, 0),
-                "top3+1": widened(ranked, memory._chunks_of, 3, 1, 1),
-                "top3+next": widened(ranked, memory._chunks_of, 3, 0, 2),
-                "top5+1": widened(ranked, memory._chunks_of, 5, 1, 1),
+                "top3": choose_passages(ranked[:3], UNBOUNDED, around=0),
+                "top3+1": choose_passages(ranked[:3], UNBOUNDED, memory._chunks_of, around=1),
+                "top3+next": followed(ranked, memory._chunks_of, 3, after=2),
+                "top5+1": choose_passages(ranked[:5], UNBOUNDED, memory._chunks_of, around=1),
             }
             for name, placed in variants.items():
                 while True:  # "fill" drops its last chunk until the re-encoded prompt fits, as re-read did

@@ -344,9 +344,9 @@ class DocumentMemory:
         local context beside the question and the answer) before the question, then generates
         from that text with memory detached; "reread" does the same with memory still attached.
         Their sources are the placed passages (a cited chunk with its neighbours, best first),
-        then the cited chunks that did not fit, up to num_sources. ranking: "lift" ranks passages by the attention the question gives them
-        beyond a question-independent probe (attention sinks drop out), "attention" by plain
-        share. exact=True scans every stored key instead of searching the indexes: the
+        then the cited chunks that did not fit, up to num_sources. ranking: "lift" ranks
+        passages by the attention the question gives them beyond a question-independent probe
+        (attention sinks drop out), "attention" by plain share. exact=True scans every stored key instead of searching the indexes: the
         reference, slower on large stores. A damaged document is left out (with a warning, and
         listed in `Answer.left_out`) unless `docs` names it, which raises CorruptDocumentError.
         Everything the answer needs is opened before generating, so a document forgotten by
@@ -369,7 +369,7 @@ class DocumentMemory:
                 text = self._generate(prompt, max_new_tokens, on_text, {**generate_options, "plain": True})
             # what the model read first (each passage with its neighbours), then the cited chunks that did not fit
             hits = {passage.hit for passage in placed}
-            sources = [_placed_source(passage, by_id) for passage in placed if passage.chunks]
+            sources = [_source(passage.hit, by_id, passage.chunks) for passage in placed if passage.chunks]
             sources += [_source(item, by_id) for item in ranked if item not in hits]
             return Answer(text, sources[:num_sources], left_out)
         with self._attending(records, exact) as (memories, attention):
@@ -569,17 +569,11 @@ def _as_config_fields(recorded: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def _placed_source(passage: Passage, records: dict[str, DocumentRecord]) -> Source:
-    """A placed passage as one source: its chunks' span and text (they tile the document's
-    characters), scored as its cited chunk; the cited chunk alone where the chunks leave a gap."""
-    chunks, hit = passage.chunks, passage.hit
-    if any(before.end_char != after.start_char for before, after in zip(chunks, chunks[1:])):
-        return _source(hit, records)
-    return Source(records[hit.doc_id].name, hit.doc_id, "".join(chunk.text for chunk in chunks),
-                  chunks[0].start_char, chunks[-1].end_char, round(hit.share, 6), round(hit.lift, 6))
-
-
-def _source(item: ScoredChunk, records: dict[str, DocumentRecord]) -> Source:
-    chunk = item.chunk
-    return Source(records[item.doc_id].name, item.doc_id, chunk.text, chunk.start_char, chunk.end_char,
-                  round(item.share, 6), round(item.lift, 6))
+def _source(item: ScoredChunk, records: dict[str, DocumentRecord], chunks: Sequence[Chunk] = ()) -> Source:
+    """A cited chunk as a source, or the placed `chunks` around it as one: their span and text
+    (chunks tile the document's characters), scored as the cited chunk; the cited chunk alone
+    where the chunks leave a gap."""
+    if not chunks or any(before.end_char != after.start_char for before, after in zip(chunks, chunks[1:])):
+        chunks = (item.chunk,)
+    return Source(records[item.doc_id].name, item.doc_id, "".join(chunk.text for chunk in chunks),
+                  chunks[0].start_char, chunks[-1].end_char, round(item.share, 6), round(item.lift, 6))
