@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -81,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             for found in response.source_nodes:
                 node = found.node
                 share = node.metadata["attention_share"]
-                print(f"   source: chars {node.start_char_idx}-{node.end_char_idx}, {share:.1%} of memory "
-                      f"attention: {_line(node.get_content())[:160]}")
+                print(f"   source: chars {node.start_char_idx}-{node.end_char_idx}, {share:.1%} of memory attention:")
+                print(textwrap.fill(_line(node.get_content()), width=100, initial_indent=" " * 6,
+                                    subsequent_indent=" " * 6))  # whole: the reader checks the answer in it
             print()
     return 0
 

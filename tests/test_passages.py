@@ -19,7 +19,9 @@ from fot_memory_plugin.apps.cli import main
 from fot_memory_plugin.documents.document_memory import DocumentMemory
 from fot_memory_plugin.integrations.llama_index.index import FoTMemoryIndex
 from fot_memory_plugin.integrations.llama_index.llm import FoTMemoryLLM
-from fot_memory_plugin.documents.passages import ScoredChunk, choose_passages, chunk_shares, passage_text, rank_chunks
+from fot_memory_plugin.documents.passages import (
+    ScoredChunk, choose_passages, chunk_shares, passage_text, placed_runs, rank_chunks,
+)
 from fot_memory_plugin.persistence import Chunk
 
 CONFIG = MemoryConfig(local_window=64, top_k=8, mem_dtype="float16", retrieval="exact")
@@ -77,6 +79,21 @@ def test_each_hit_is_placed_with_its_neighbours_once_and_alone_when_they_do_not_
     with pytest.raises(ValueError, match="chunks_of"):
         choose_passages(ranked, budget_tokens=40)
 
+
+
+def test_passages_placed_side_by_side_read_and_cite_as_one_run_scored_by_the_better_hit():
+    text = "Alpha one. Beta two. Gamma three. Delta four. Epsilon five. Zeta six. Eta seven."
+    spans = [(0, 10), (11, 20), (21, 33), (34, 45), (46, 59), (60, 69), (70, 81)]
+    chunks = _chunks("d", spans, text)
+    of = lambda doc: (chunks, np.array([c.start_token for c in chunks]))  # noqa: E731
+    # hit 4 places chunks 3-5, hit 1 places 0-2: they touch, so they read and cite as one passage
+    ranked = [ScoredChunk("d", chunks[i], share, share) for i, share in ((4, 0.5), (1, 0.3))]
+    runs = placed_runs(choose_passages(ranked, budget_tokens=60, chunks_of=of))
+    assert [(hit.chunk.index, [c.index for c in run]) for hit, run in runs] == [(4, [0, 1, 2, 3, 4, 5])]
+    apart = [ScoredChunk("d", chunks[i], share, share) for i, share in ((5, 0.5), (1, 0.3))]
+    runs = placed_runs(choose_passages(apart, budget_tokens=60, chunks_of=of))  # chunk 3 is the gap
+    assert [(hit.chunk.index, [c.index for c in run]) for hit, run in runs] == [(5, [4, 5, 6]), (1, [0, 1, 2])]
+    assert passage_text(choose_passages(apart, 60, of), ["d"]) == text[:33] + "\n\n" + text[46:]
 
 @pytest.fixture(scope="module")
 def short_store(tmp_path_factory, tiny_model_dir) -> Path:

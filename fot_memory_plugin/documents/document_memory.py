@@ -36,6 +36,7 @@ from .passages import (
     chunk_shares,
     chunk_sums,
     passage_text,
+    placed_runs,
     rank_chunks,
     sentence_chunks,
 )
@@ -343,8 +344,8 @@ class DocumentMemory:
         text (each with a neighbouring chunk either side, document order, as much as fits the
         local context beside the question and the answer) before the question, then generates
         from that text with memory detached; "reread" does the same with memory still attached.
-        Their sources are the placed passages (a cited chunk with its neighbours, best first),
-        then the cited chunks that did not fit, up to num_sources. ranking: "lift" ranks
+        Their sources are the placed passages (each run of adjacent placed chunks: cited chunks
+        with their neighbours, best first), then the cited chunks that did not fit, up to num_sources. ranking: "lift" ranks
         passages by the attention the question gives them beyond a question-independent probe
         (attention sinks drop out), "attention" by plain share. exact=True scans every stored key instead of searching the indexes: the
         reference, slower on large stores. A damaged document is left out (with a warning, and
@@ -368,8 +369,9 @@ class DocumentMemory:
             else:
                 text = self._generate(prompt, max_new_tokens, on_text, {**generate_options, "plain": True})
             # what the model read first (each passage with its neighbours), then the cited chunks that did not fit
+            runs = placed_runs(placed)
+            sources = [_source(hit, by_id, chunks) for hit, chunks in runs]
             hits = {passage.hit for passage in placed}
-            sources = [_source(passage.hit, by_id, passage.chunks) for passage in placed if passage.chunks]
             sources += [_source(item, by_id) for item in ranked if item not in hits]
             return Answer(text, sources[:num_sources], left_out)
         with self._attending(records, exact) as (memories, attention):

@@ -24,7 +24,7 @@ from ..core.config import ANSWER_MODES, RANKINGS, AnswerMode, Ranking
 from ..persistence import Chunk
 
 __all__ = ["CHUNK_TOKENS", "sentence_chunks", "ScoredChunk", "AnswerMode", "Ranking", "ANSWER_MODES", "RANKINGS", "BASELINE_PROBE",
-           "chunk_shares", "chunk_sums", "rank_chunks", "choose_passages", "passage_text", "Passage", "CONTEXT_CHUNKS"]
+           "chunk_shares", "chunk_sums", "rank_chunks", "choose_passages", "placed_runs", "passage_text", "Passage", "CONTEXT_CHUNKS"]
 
 CHUNK_TOKENS = 64  # at most, per cited passage: a sentence or two of prose
 # Chunks placed either side of each cited chunk when its text re-enters the prompt: the answer
@@ -154,22 +154,38 @@ def choose_passages(ranked: Sequence[ScoredChunk], budget_tokens: int, chunks_of
     return chosen
 
 
-def passage_text(chosen: Sequence[Passage], doc_order: Sequence[str]) -> str:
-    """The placed chunks' stored text: adjacent chunks of a document joined into one passage,
-    passages separated by a blank line, documents in `doc_order`."""
-    position = {doc_id: number for number, doc_id in enumerate(doc_order)}
-    placed = {(passage.hit.doc_id, chunk.index): (passage.hit.doc_id, chunk)
-              for passage in chosen for chunk in passage.chunks}
-    ordered = sorted(placed.values(), key=lambda item: (position[item[0]], item[1].start_token))
-    passages: list[str] = []
-    previous: tuple[str, Chunk] | None = None
-    for doc_id, chunk in ordered:
-        adjacent = previous is not None and previous[0] == doc_id and previous[1].end_token == chunk.start_token
-        if adjacent:
-            gap = "" if previous[1].end_char == chunk.start_char else " "
-            passages[-1] += gap + chunk.text
+def placed_runs(chosen: Sequence[Passage]) -> list[tuple[ScoredChunk, tuple[Chunk, ...]]]:
+    """The placed chunks as the model reads them: each run of adjacent chunks of one document,
+    with the best-ranked hit that placed any of its chunks, best first.
+
+    Two cited chunks a chunk apart place their neighbours side by side: they read as one passage,
+    so they are one source (scored as the better of them).
+    """
+    rank = {id(passage): number for number, passage in enumerate(chosen)}
+    placed = sorted(((passage.hit.doc_id, chunk, passage) for passage in chosen for chunk in passage.chunks),
+                    key=lambda item: (item[0], item[1].start_token))
+    runs: list[tuple[Passage, list[Chunk]]] = []
+    for doc_id, chunk, passage in placed:
+        last = runs[-1] if runs else None
+        if last is not None and last[0].hit.doc_id == doc_id and last[1][-1].end_token == chunk.start_token:
+            last[1].append(chunk)
+            if rank[id(passage)] < rank[id(last[0])]:
+                runs[-1] = (passage, last[1])
         else:
-            passages.append(chunk.text)
-        previous = (doc_id, chunk)
-    passages = [passage.strip() for passage in passages]
+            runs.append((passage, [chunk]))
+    runs.sort(key=lambda run: rank[id(run[0])])
+    return [(passage.hit, tuple(chunks)) for passage, chunks in runs]
+
+
+def passage_text(chosen: Sequence[Passage], doc_order: Sequence[str]) -> str:
+    """The placed chunks' stored text: each run of adjacent chunks (`placed_runs`) joined into one
+    passage, passages separated by a blank line, documents in `doc_order`."""
+    position = {doc_id: number for number, doc_id in enumerate(doc_order)}
+    runs = sorted(placed_runs(chosen), key=lambda run: (position[run[0].doc_id], run[1][0].start_token))
+    passages = []
+    for _, chunks in runs:
+        text = chunks[0].text
+        for before, after in zip(chunks, chunks[1:]):
+            text += ("" if before.end_char == after.start_char else " ") + after.text
+        passages.append(text.strip())
     return "\n\n".join(passages)
