@@ -115,11 +115,11 @@ def run_memory(args: argparse.Namespace, spec: dict, cues: list[hs.Cue]) -> None
     from fot_memory_plugin.documents import DocumentMemory
 
     for length in args.lengths:  # every configuration at a length before the next length
-        for model in args.models:
+        for label, model in map(_model_label, args.models):
             for mode in args.read_modes:
-                name = f"memory-{model}-{mode}"
+                name = f"memory-{label}-{mode}"
                 results = Results(args.results, name)
-                store = args.work / f"{model}-{mode}-{length}"
+                store = args.work / f"{label}-{mode}-{length}"
                 with DocumentMemory.open(store, model=model, device=args.device) as memory:
                     haystacks = hs.build(spec, cues, length, memory._tokenize, books_dir=args.books_dir)
                     seconds = hs.read_into(memory, haystacks, READ_MODES[mode])
@@ -128,6 +128,13 @@ def run_memory(args: argparse.Namespace, spec: dict, cues: list[hs.Cue]) -> None
                         results.add({"method": f"{name}-read", "length": length, "seconds": round(seconds, 2),
                                      "tokens": tokens, "device": str(memory.engine.device)})
                     _ask_all(memory, haystacks, name, length, results, args)
+
+
+def _model_label(model: str) -> tuple[str, str]:
+    """--models entry -> (its name in the results, what load_model is given): NAME=DELTA_DIR names a
+    delta from `fot-memory train`; a bare name names itself."""
+    label, _, path = model.partition("=")
+    return (label, path) if path else (model, model)
 
 
 def _ask_all(memory, haystacks: list[hs.Haystack], name: str, length: int, results: Results,
@@ -364,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="*", default=["baselines", "rag", "memory"],
                         choices=["baselines", "rag", "memory"])
-    parser.add_argument("--models", nargs="+", default=["smollm2", "smollm2-fot"])
+    parser.add_argument("--models", nargs="+", default=["smollm2", "smollm2-fot"],
+                        help="model names or paths; NAME=DIR evaluates a delta directory under NAME")
     parser.add_argument("--read-modes", nargs="+", default=list(READ_MODES), choices=list(READ_MODES))
     parser.add_argument("--answer-modes", nargs="+", default=list(ANSWER_MODES), choices=list(ANSWER_MODES),
                         help="the memory methods' answer modes")

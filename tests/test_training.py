@@ -17,6 +17,8 @@ from fot_memory_plugin.models.delta import DeltaMismatchError, apply_delta, read
 from fot_memory_plugin.models.loading import model_fingerprint
 from fot_memory_plugin.training import (
     CrossBatchAttention,
+    QuestionMaker,
+    ask_in_windows,
     CrossBatchTrainer,
     TokenCorpus,
     TrainConfig,
@@ -96,9 +98,9 @@ def test_gradients_reach_previous_windows_keys_through_memory():
             model.zero_grad()
             if memory:
                 with adapter_for(model, LAYERS, CrossBatchAttention(2)):
-                    _, current_loss = window_losses(model, batch)
+                    current_loss = window_losses(model, batch).current
             else:
-                _, current_loss = window_losses(model, batch)
+                current_loss = window_losses(model, batch).current
             current_loss.backward()
             previous_rows_gradient = captured["keys"].grad[:2].abs().sum()
             # Only the memory path connects the current windows' loss to previous windows' keys.
@@ -126,14 +128,15 @@ def _config(**overrides) -> TrainConfig:
 def test_a_few_steps_lower_the_loss():
     model = tiny_llama()
     with CrossBatchTrainer(model, _bag_corpus(), _config(steps=20, batch_docs=8)) as trainer:
-        batch = trainer.batch()
+        batch, answers = trainer.batch()
+        assert answers is None  # nothing asked: the plain cross-batch loss
         trainer.handler.group_size = 2
         with torch.no_grad():
-            before = torch.stack(window_losses(model, batch))
+            before = torch.stack(window_losses(model, batch)[:2])
         log = trainer.train(progress=False)
         trainer.handler.group_size = 2
         with torch.no_grad():
-            after = torch.stack(window_losses(model, batch))
+            after = torch.stack(window_losses(model, batch)[:2])
     assert (after < before - 0.05).all(), (before, after)  # previous and current windows both improve
     assert [entry["d"] for entry in log][0] == 2 and log[-1]["d"] == 4  # the d schedule was followed
 
@@ -335,3 +338,104 @@ def test_eval_perplexity_command(smollm2, capsys):
     results = json.loads(capsys.readouterr().out)["results"]
     assert [r["truncated"] for r in results] == [True, False] and results[1]["memory_tokens"] == 512
     assert all(1 < r["perplexity"] < 1000 and r["scored_tokens"] == 2 * 127 for r in results)
+
+
+def test_the_answer_loss_scores_only_the_marked_tokens():
+    model = tiny_llama()
+    batch = pair_rows(*_windows(2, seed=3))
+    answers = torch.zeros_like(batch, dtype=torch.bool)
+    answers[2, 5:8] = True  # three answer tokens in the first current window
+    with torch.no_grad():
+        losses = window_losses(model, batch, answers)
+        logits = model(input_ids=batch, use_cache=False).logits
+    expected = F.cross_entropy(logits[2, 4:7], batch[2, 5:8])  # token t is predicted at position t - 1
+    assert losses.answer == pytest.approx(expected.item(), rel=1e-5)
+    assert window_losses(model, batch, torch.zeros_like(answers)).answer is None
+    with pytest.raises(ValueError, match="tokenizer"):
+        CrossBatchTrainer(model, _bag_corpus(), _config(question_probability=0.5))
+
+
+def _book_windows(tokenizer, docs: int, window: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Consecutive (previous, current) windows from a held-in training book."""
+    ids = tokenizer((SHARED_DATA / "books" / "emma.txt").read_text(encoding="utf-8")[20_000:200_000],
+                    add_special_tokens=False).input_ids
+    spans = torch.tensor([ids[i * 2 * window : (i + 1) * 2 * window] for i in range(docs)])
+    return spans[:, :window].clone(), spans[:, window:].clone()
+
+
+@pytest.mark.slow
+def test_questions_ask_about_a_fact_that_only_the_previous_window_holds(smollm2):
+    import random
+
+    tokenizer = smollm2.tokenizer
+    maker = QuestionMaker(tokenizer)
+    previous, _ = _book_windows(tokenizer, 24)
+    seen = set()
+    for number, window in enumerate(previous):
+        question = maker.make(window, random.Random(number), max_tokens=128)
+        assert question is not None
+        seen.add((question.kind, question.form))
+        remembered = tokenizer.decode(question.previous if question.previous is not None else window.tolist())
+        answer = tokenizer.decode(question.answer).replace("<|im_end|>", "").strip()
+        asked = tokenizer.decode(question.prompt)
+        assert answer and answer in remembered  # the answer lies in memory...
+        if question.form == "question":
+            assert asked.rstrip().endswith("<|im_start|>assistant") and tokenizer.decode(question.answer).endswith("<|im_end|>")
+        if question.kind == "cloze":  # ...right after the words the question quotes
+            end = asked.rfind(' ..."') if ' ..."' in asked else asked.rfind('"?')  # the quote's end
+            prefix = asked[:end] if question.form == "question" else asked
+            assert " ".join(prefix.split()[-4:]) + " " + answer in " ".join(remembered.split())
+        else:  # an invented fact, written whole into the previous window at a sentence start
+            assert len(question.previous) == len(window) and answer not in tokenizer.decode(window.tolist())
+    assert seen == {(kind, form) for kind in ("cloze", "fact") for form in ("completion", "question")}
+
+
+@pytest.mark.slow
+def test_ask_in_windows_starts_current_windows_with_the_question_and_marks_its_answer(smollm2):
+    tokenizer = smollm2.tokenizer
+    previous, current = _book_windows(tokenizer, 8)
+    original = current.clone()
+    answers = ask_in_windows(QuestionMaker(tokenizer), previous, current, 1.0, torch.Generator().manual_seed(0))
+    assert current.shape == original.shape and answers.any(dim=1).all()  # every document asked
+    for doc in range(8):
+        marked = answers[doc].nonzero().flatten()
+        start, end = int(marked[0]), int(marked[-1]) + 1
+        assert marked.tolist() == list(range(start, end))  # one contiguous answer, right after the prompt
+        assert torch.equal(current[doc, end:], original[doc, : 256 - end])  # then the document's own text
+    untouched = ask_in_windows(QuestionMaker(tokenizer), previous, current.clone(), 0.0, torch.Generator())
+    assert not untouched.any()
+
+
+@pytest.mark.slow
+def test_train_from_the_shipped_delta_with_questions_writes_a_delta_against_the_base(smollm2, tmp_path, capsys):
+    from fot_memory_plugin.apps.cli import main
+    from fot_memory_plugin.models.loading import BUNDLED_DELTAS, FOT_MODEL, load_model
+
+    for number in range(4):
+        source = sorted((SHARED_DATA / "sotu").glob("*.txt"))[number]
+        (tmp_path / source.name).write_text(source.read_text(encoding="utf-8")[:6000], encoding="utf-8")
+    shipped = BUNDLED_DELTAS[FOT_MODEL][1]
+    out = tmp_path / "run"
+    code = main(["train", str(tmp_path), "--out", str(out), "--steps", "2", "--batch-docs", "2", "--window", "128",
+                 "--group-schedule", "1@0", "--question-probability", "1", "--init-delta", str(shipped),
+                 "--lr", "1e-3", "--warmup-steps", "1"])
+    assert code == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(entry["answer_loss"] is not None for entry in log)
+    assert json.loads((out / "summary.json").read_text())["init_delta"] == read_delta(shipped).sha256
+    tuned, start = load_model(out / "delta"), load_model(FOT_MODEL)  # a delta directory names a model
+    assert tuned.model_id.startswith(smollm2.model_id + "+fot-")
+    trained = set(read_delta(shipped).tensors)
+    base = dict(smollm2.model.named_parameters())
+    for name, parameter in tuned.model.named_parameters():
+        if name not in trained:
+            assert torch.equal(parameter, base[name])
+    # the new delta holds the shipped delta's change plus two small steps, measured from the base
+    moved = {name: (parameter - dict(start.model.named_parameters())[name]).abs().max().item()
+             for name, parameter in tuned.model.named_parameters() if name in trained}
+    shipped_change = {name: delta.abs().max().item() for name, delta in read_delta(shipped).tensors.items()}
+    assert all(moved[name] < 0.5 * shipped_change[name] for name in trained)
+    refused = main(["train", str(tmp_path), "--out", str(tmp_path / "other"), "--steps", "1", "--batch-docs", "2",
+                    "--window", "64", "--group-schedule", "1@0", "--mem-layers", "3,7", "--init-delta", str(shipped)])
+    assert refused != 0 and "does not train" in capsys.readouterr().err
+    assert not (tmp_path / "other" / "delta").exists()

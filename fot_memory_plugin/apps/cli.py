@@ -152,6 +152,11 @@ def _add_train_command(commands: argparse._SubParsersAction) -> None:
                        help="memory-attention: only the memory layers' q/k/v/o (a small delta); all: every weight")
     train.add_argument("--copy-probability", type=float, default=defaults.copy_probability,
                        help="share of documents whose current window gets a passage of the previous one pasted in")
+    train.add_argument("--question-probability", type=float, default=defaults.question_probability,
+                       help="share of documents whose current window starts with a question about the previous one")
+    train.add_argument("--answer-weight", type=float, default=defaults.answer_weight,
+                       help="weight of the answer tokens' loss, added to the language-model loss")
+    train.add_argument("--init-delta", metavar="DIR", help="start from this delta (e.g. an earlier run's delta/)")
     train.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
     train.add_argument("--precision", choices=["auto", "bfloat16", "float32"], default=defaults.precision,
                        help="auto: bfloat16 autocast on a GPU, float32 on a CPU")
@@ -183,11 +188,12 @@ def _train(args: argparse.Namespace) -> int:
         group_schedule=schedule, steps=args.steps, learning_rate=args.lr, warmup_steps=args.warmup_steps,
         trainable=args.trainable, gradient_checkpointing=args.gradient_checkpointing, precision=args.precision,
         seed=args.seed, checkpoint_every=args.checkpoint_every, copy_probability=args.copy_probability,
+        question_probability=args.question_probability, answer_weight=args.answer_weight,
     )
     summary = run_training(
         args.data, args.out, config, model=args.model, hold_out=args.hold_out, device=args.device,
         tokens_cache=args.tokens_cache, corpus_tokens=args.corpus_tokens, time_limit=args.time_limit,
-        compare_plain_steps=args.compare_plain,
+        compare_plain_steps=args.compare_plain, init_delta=args.init_delta,
     )
     print(json.dumps(summary, indent=2))
     return 0

@@ -43,7 +43,7 @@ from transformers import (
 )
 
 from ..core.config import MemoryConfig
-from .delta import apply_delta, read_delta
+from .delta import CONFIG_FILE, DELTA_FILE, apply_delta, read_delta
 from ..core.errors import ModelNotFoundError
 from ..persistence.files import fsync_dir, fsync_tree
 from .longllama import checkpoint_memory_config, is_longllama_checkpoint, load_longllama
@@ -178,14 +178,16 @@ def load_model(
     Hugging Face cache. `dtype` is "float32", "bfloat16", "float16" or a torch dtype;
     `device` None keeps the model on the CPU. "smollm2-fot" is the default model with the
     FoT-tuned delta shipped in the package; `delta` applies any delta directory written by
-    `fot-memory train` (delta.py) and reports its memory config.
+    `fot-memory train` (delta.py) and reports its memory config; a delta directory given as
+    `name_or_path` is that delta on the base model it names (so `--model runs/qa/delta` works
+    wherever a model is named).
     """
     torch_dtype = _resolve_dtype(dtype)
     name = os.fspath(name_or_path)
-    if name in BUNDLED_DELTAS:
+    if name in BUNDLED_DELTAS or _is_delta_dir(name):
         if delta is not None:
             raise ValueError(f"{name!r} already carries its delta: pass the base model to apply another one.")
-        name, delta = BUNDLED_DELTAS[name]
+        name, delta = BUNDLED_DELTAS[name] if name in BUNDLED_DELTAS else (_delta_base(Path(name)), name)
     if name == DEFAULT_MODEL:
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         model, tokenizer, source = _load_smollm2(root, torch_dtype)
@@ -201,6 +203,17 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, source_path=source,
                        memory_config=memory_config, reads_without_retrieval=delta is not None,
                        base_weights=base_weights)
+
+
+def _is_delta_dir(name: str) -> bool:
+    path = Path(name)
+    return (path / DELTA_FILE).is_file() and (path / CONFIG_FILE).is_file()
+
+
+def _delta_base(path: Path) -> str:
+    """The model a delta directory was trained from: the alias for SmolLM2, else its recorded id."""
+    base = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))["base_model_id"]
+    return DEFAULT_MODEL if base == SMOLLM2_MODEL_ID else base
 
 
 def _apply_delta(model: PreTrainedModel, model_id: str, path: Path) -> tuple[str, MemoryConfig, dict[str, torch.Tensor]]:

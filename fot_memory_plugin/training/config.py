@@ -36,6 +36,11 @@ class TrainConfig:
     # Share of documents per batch whose current window gets a passage of their previous window
     # pasted in (data.py): a recall signal in every batch. 0 trains on the text as it is.
     copy_probability: float = 0.0
+    # Share of documents per batch whose current window starts with a question about a fact of
+    # their previous window, then its answer (questions.py); the answer tokens get their own loss,
+    # weighted by answer_weight and added to the language-model loss. 0 asks nothing.
+    question_probability: float = 0.0
+    answer_weight: float = 1.0
     gradient_checkpointing: bool = False
     precision: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: bf16 autocast on GPU, float32 on CPU
     seed: int = 0
@@ -52,6 +57,8 @@ class TrainConfig:
                 raise ValueError(f"d={group} must divide batch_docs={self.batch_docs}: adjust --group-schedule or --batch-docs.")
         if self.trainable not in ("memory-attention", "all"):
             raise ValueError(f"trainable must be 'memory-attention' or 'all', got {self.trainable!r}.")
+        if not 0.0 <= self.question_probability <= 1.0 or self.answer_weight < 0:
+            raise ValueError("question_probability must lie in [0, 1] and answer_weight must not be negative.")
         if self.steps < 1 or self.window < 2 or self.batch_docs < 1:
             raise ValueError("steps, window (>= 2) and batch_docs must be positive.")
 

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..models.delta import apply_delta, read_delta
 from ..models.loading import load_model, model_fingerprint
 from .data import TokenCorpus, text_files
 from .trainer import CrossBatchTrainer, TrainConfig
@@ -36,8 +37,13 @@ def run_training(
     time_limit: float | None = None,
     compare_plain_steps: int = 0,
     progress: bool = True,
+    init_delta: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume) into `out_dir`; write `out_dir/delta` once all steps are done."""
+    """Train (or resume) into `out_dir`; write `out_dir/delta` once all steps are done.
+
+    init_delta: start from an earlier delta of the same base (e.g. `smollm2-fot`'s) instead of
+    the base weights; the delta written is still against the base model.
+    """
     out_dir = Path(out_dir)
     loaded = load_model(model, device=device)
     if corpus_tokens is not None:  # tokenized earlier (TokenCorpus.save), e.g. on another machine
@@ -47,9 +53,11 @@ def run_training(
         corpus = TokenCorpus.from_files(files, loaded.tokenizer, Path(tokens_cache) if tokens_cache else out_dir)
     logger.info("corpus: %d documents, %d tokens", len(corpus), int(corpus.lengths.sum()))
     summary: dict[str, Any] = {"documents": len(corpus), "tokens": int(corpus.lengths.sum()), "held_out": list(hold_out)}
-    trainer = CrossBatchTrainer(loaded.model, corpus, config, out_dir)
+    trainer = CrossBatchTrainer(loaded.model, corpus, config, out_dir, tokenizer=loaded.tokenizer)
     # Cloned before train() resumes from a checkpoint: the delta is always against the base model.
     base_state = {name: parameter.detach().clone() for name, parameter in trainer.parameters.items()}
+    if init_delta is not None:
+        summary["init_delta"] = _start_from(loaded.model, loaded.model_id, trainer, Path(init_delta))
     with trainer:
         if compare_plain_steps:
             summary["throughput"] = measure_throughput(trainer, compare_plain_steps)
@@ -64,6 +72,18 @@ def run_training(
     return summary
 
 
+def _start_from(model: torch.nn.Module, model_id: str, trainer: CrossBatchTrainer, path: Path) -> str:
+    """Apply an earlier delta whose parameters this run trains; returns its sha256."""
+    delta = read_delta(path)
+    untrained = sorted(set(delta.tensors) - set(trainer.parameters))
+    if untrained or tuple(delta.memory_config.mem_layers) != trainer.config.mem_layers:
+        raise ValueError(f"--init-delta {path} changed {untrained[:2] or 'other memory layers'} "
+                         f"(memory layers {list(delta.memory_config.mem_layers)}), which this run does not train: "
+                         "train the same --mem-layers and --trainable as that delta.")
+    apply_delta(model, delta, model_fingerprint(model, model_id)["config_hash"])
+    return delta.sha256
+
+
 def measure_throughput(trainer: CrossBatchTrainer, steps: int) -> dict[str, float]:
     """Tokens/s of cross-batch training vs plain fine-tuning of the same parameters on the same
     batches (adapter detached: every layer plain attention), interleaved step by step.
@@ -71,7 +91,7 @@ def measure_throughput(trainer: CrossBatchTrainer, steps: int) -> dict[str, floa
     Steps use learning rate 0 so measuring does not train.
     """
     timings: dict[str, list[float]] = {"cross_batch": [], "plain": []}
-    batch = trainer.batch()
+    batch, answers = trainer.batch()
     synchronize = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     for index in range(steps + 1):
         for name in timings:
@@ -80,7 +100,7 @@ def measure_throughput(trainer: CrossBatchTrainer, steps: int) -> dict[str, floa
             try:
                 synchronize()
                 started = time.perf_counter()
-                trainer.step(batch, trainer.config.group_schedule[-1][1], learning_rate=0.0)
+                trainer.step(batch, trainer.config.group_schedule[-1][1], learning_rate=0.0, answers=answers)
                 synchronize()
                 if index:  # the first round warms up kernels and the allocator
                     timings[name].append(time.perf_counter() - started)

@@ -2,7 +2,8 @@
 
 Each step draws N documents, two consecutive windows from each, stacks them as
 [previous windows ; current windows] (crossbatch.py) and minimises the plain language-model loss
-of every window. Memory layers route their attention through `CrossBatchAttention`, so a current
+of every window, plus, where some current windows start with a question about their previous
+window (questions.py), the loss of the answers. Memory layers route their attention through `CrossBatchAttention`, so a current
 window attends to the previous windows of d documents of the batch (its own and d-1 negatives);
 d follows a schedule that grows during training. Only the memory layers' attention is trained by
 default: the result is a delta of a few MB (models/delta.py).
@@ -17,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +30,9 @@ from ..models.delta import save_delta
 from .config import DEFAULT_MEM_LAYERS, TrainConfig
 from .crossbatch import CrossBatchAttention, pair_rows
 from .data import TokenCorpus
+from .questions import QuestionMaker, ask_in_windows
 
-__all__ = ["TrainConfig", "CrossBatchTrainer", "StepResult", "DEFAULT_MEM_LAYERS"]
+__all__ = ["TrainConfig", "CrossBatchTrainer", "StepResult", "WindowLosses", "window_losses", "DEFAULT_MEM_LAYERS"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class StepResult:
     loss: float  # mean over all windows
     previous_loss: float  # previous windows: local context only
     current_loss: float  # current windows: local context + cross-batch memory
+    answer_loss: float | None  # answer tokens of the questions asked (None: none asked)
     group_size: int
     tokens: int
 
@@ -57,8 +60,11 @@ class CrossBatchTrainer:
     """Trains `model` in place. Use as a context manager (attaches and detaches the adapter)."""
 
     def __init__(self, model: torch.nn.Module, corpus: TokenCorpus, config: TrainConfig,
-                 out_dir: str | os.PathLike[str] | None = None) -> None:
+                 out_dir: str | os.PathLike[str] | None = None, tokenizer: Any = None) -> None:
         self.model, self.corpus, self.config = model, corpus, config
+        if config.question_probability and tokenizer is None:
+            raise ValueError("Asking questions in training windows needs the model's tokenizer: pass tokenizer=.")
+        self.questions = QuestionMaker(tokenizer) if config.question_probability else None
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.device = next(model.parameters()).device
         config.memory_config().layers_for(num_layers(model))  # layers exist
@@ -105,24 +111,35 @@ class CrossBatchTrainer:
         progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
         return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
-    def batch(self) -> torch.Tensor:
-        previous, current = self.corpus.sample_windows(self.config.batch_docs, self.config.window, self.generator,
-                                                       self.config.copy_probability)
-        return pair_rows(previous, current).to(self.device)  # (2N, W)
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the (2N, W) token ids; the (2N, W) mask of answer tokens, None when nothing is asked)."""
+        config = self.config
+        previous, current = self.corpus.sample_windows(config.batch_docs, config.window, self.generator,
+                                                       config.copy_probability)
+        answers = None
+        if self.questions is not None:
+            asked = ask_in_windows(self.questions, previous, current, config.question_probability, self.generator)
+            answers = pair_rows(torch.zeros_like(asked), asked).to(self.device)
+        return pair_rows(previous, current).to(self.device), answers  # (2N, W)
 
-    def step(self, batch: torch.Tensor, group_size: int, learning_rate: float | None = None) -> StepResult:
-        """One optimiser step on a (2N, W) batch with d = group_size."""
+    def step(self, batch: torch.Tensor, group_size: int, learning_rate: float | None = None,
+             answers: torch.Tensor | None = None) -> StepResult:
+        """One optimiser step on a (2N, W) batch with d = group_size (answers: batch()'s mask)."""
         self.handler.group_size = group_size
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate if learning_rate is not None else self.config.learning_rate
         with self.autocast:
-            previous_loss, current_loss = window_losses(self.model, batch)
-            loss = (previous_loss + current_loss) / 2
+            losses = window_losses(self.model, batch, answers)
+            loss = (losses.previous + losses.current) / 2
+            if losses.answer is not None:
+                loss = loss + self.config.answer_weight * losses.answer
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.parameters.values(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss.item(), previous_loss.item(), current_loss.item(), group_size, batch.numel())
+        answer = losses.answer.item() if losses.answer is not None else None
+        return StepResult(loss.item(), losses.previous.item(), losses.current.item(), answer, group_size,
+                          batch.numel())
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -142,11 +159,13 @@ class CrossBatchTrainer:
             if time_limit is not None and time.perf_counter() - started > time_limit:
                 break
             step = self.progress.step
-            result = self.step(self.batch(), config.group_size(step), self.learning_rate(step))
+            batch, answers = self.batch()
+            result = self.step(batch, config.group_size(step), self.learning_rate(step), answers)
             self.progress.step += 1
             tokens += result.tokens
             rate = tokens / (time.perf_counter() - started)
-            bar.set_postfix(loss=f"{result.loss:.3f}", mem=f"{result.current_loss:.3f}", d=result.group_size,
+            shown = {"answer": f"{result.answer_loss:.3f}"} if result.answer_loss is not None else {}
+            bar.set_postfix(loss=f"{result.loss:.3f}", mem=f"{result.current_loss:.3f}", **shown, d=result.group_size,
                             tok_s=f"{rate:,.0f}")
             bar.update(1)
             if step % config.log_every == 0 or self.progress.step == stop:
@@ -160,7 +179,8 @@ class CrossBatchTrainer:
 
     def _log(self, step: int, result: StepResult, tokens_per_second: float) -> None:
         entry = {"step": step, "loss": result.loss, "previous_loss": result.previous_loss,
-                 "current_loss": result.current_loss, "d": result.group_size, "tokens_per_s": tokens_per_second}
+                 "current_loss": result.current_loss, "answer_loss": result.answer_loss, "d": result.group_size,
+                 "tokens_per_s": tokens_per_second}
         self.progress.log.append(entry)
         logger.info("step %d: %s", step, entry)
         if self.out_dir is not None:
@@ -218,13 +238,22 @@ class CrossBatchTrainer:
                           self.config.memory_config(), base_fingerprint, summary)
 
 
-def window_losses(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token loss of the (2N, W) batch: (previous windows' mean, current windows' mean)."""
+class WindowLosses(NamedTuple):
+    previous: torch.Tensor  # mean next-token loss of the previous windows
+    current: torch.Tensor  # of the current windows
+    answer: torch.Tensor | None  # of the answer tokens alone (None: no answer mask, or nothing asked)
+
+
+def window_losses(model: torch.nn.Module, batch: torch.Tensor, answers: torch.Tensor | None = None) -> WindowLosses:
+    """Next-token losses of the (2N, W) batch; `answers` (2N, W) marks the tokens to score as answers."""
     logits = model(input_ids=batch, use_cache=False).logits  # (2N, W, V)
     losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
     losses = losses.view(batch.shape[0], -1)
     docs = batch.shape[0] // 2
-    return losses[:docs].mean(), losses[docs:].mean()
+    answer = None
+    if answers is not None and bool(answers[:, 1:].any()):
+        answer = losses[answers[:, 1:]].mean()  # the loss of predicting each answer token
+    return WindowLosses(losses[:docs].mean(), losses[docs:].mean(), answer)
 
 
 def _autocast(precision: str, device: torch.device) -> Any:
