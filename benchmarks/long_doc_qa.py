@@ -147,7 +147,8 @@ def _ask_all(memory, haystacks: list[hs.Haystack], name: str, length: int, resul
             continue
         doc_id, span = ids[haystack.name], haystack.evidence[cue.id]
         evidence = set(hs.evidence_chunks(memory, doc_id, span))
-        prompt_text = getattr(cue, form) + (args.question_suffix if form == "question" else "")
+        suffix = args.question_suffix if form == "question" else ""
+        prompt_text = getattr(cue, form) + suffix  # what the memory rows' rankings are computed on
         records, _, prompt = memory._records_and_prompt(prompt_text, [doc_id], chat)
         rankings = {}
         for label, heads, ranking in (("lift+heads", calibrated, "lift"), ("lift", None, "lift")):
@@ -159,8 +160,10 @@ def _ask_all(memory, haystacks: list[hs.Haystack], name: str, length: int, resul
         memory.voting_heads = calibrated
         for answer_mode in todo:
             started = time.perf_counter()
-            answer = memory.ask(prompt_text, docs=[doc_id], chat=chat, max_new_tokens=args.max_new_tokens,
-                                exact=True, answer_mode=answer_mode, **_stop(memory.engine))
+            # --question-suffix replaces the answer mode's own chat instruction (CHAT_ANSWER_INSTRUCTIONS)
+            answer = memory.ask(getattr(cue, form), docs=[doc_id], chat=chat, max_new_tokens=args.max_new_tokens,
+                                exact=True, answer_mode=answer_mode, instruction=suffix or None,
+                                **_stop(memory.engine))
             seconds = time.perf_counter() - started
             top3 = any(hs.overlaps((s.start_char, s.end_char), span) for s in answer.sources[:3])
             results.add(_row(f"{name}-{answer_mode}", length, cue, form, answer.text, seconds, top3,
@@ -378,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the memory methods' answer modes")
     parser.add_argument("--lengths", nargs="+", type=int, default=[4096, 16384, 65536])
     parser.add_argument("--max-new-tokens", type=int, default=32, help="per answer; generation stops at the first newline")
-    parser.add_argument("--question-suffix", default="", help="appended to question-form questions")
+    parser.add_argument("--question-suffix", default="",
+                        help="appended to question-form questions (for memory, in place of the answer mode's own)")
     parser.add_argument("--plain-model", default="smollm2", help="the model RAG and the baselines use")
     parser.add_argument("--cues", type=Path, default=ROOT / "benchmarks" / "data" / "long_doc_qa.json")
     parser.add_argument("--books-dir", type=Path, default=hs.BOOKS_DIR)

@@ -14,13 +14,13 @@ import torch
 
 from conftest import BOOK, QUESTION
 from fot_memory_plugin import MemoryConfig
-from fot_memory_plugin.core.config import ANSWER_MODES
+from fot_memory_plugin.core.config import ANSWER_MODES, CHAT_ANSWER_INSTRUCTIONS
 from fot_memory_plugin.apps.cli import main
 from fot_memory_plugin.documents.document_memory import DocumentMemory
 from fot_memory_plugin.integrations.llama_index.index import FoTMemoryIndex
 from fot_memory_plugin.integrations.llama_index.llm import FoTMemoryLLM
 from fot_memory_plugin.documents.passages import (
-    ScoredChunk, choose_passages, chunk_shares, passage_text, placed_runs, rank_chunks,
+    BASELINE_PROBE, ScoredChunk, choose_passages, chunk_shares, passage_text, placed_runs, rank_chunks,
 )
 from fot_memory_plugin.persistence import Chunk
 
@@ -130,6 +130,27 @@ def test_reread_of_a_document_shorter_than_the_window_asks_with_the_document_in_
         text = memory.engine.generate(reread, max_new_tokens=4, plain=True)  # the same text, memory detached
         assert plain.text == memory.engine.tokenizer.decode(text[0], skip_special_tokens=True).strip()
         assert plain.sources == answer.sources
+
+
+def test_a_chat_question_in_passages_mode_asks_for_a_short_answer_and_the_others_as_written(
+        short_store, tiny_model_dir, monkeypatch):
+    short = CHAT_ANSWER_INSTRUCTIONS["passages"]
+    with DocumentMemory.open(short_store, model=str(tiny_model_dir), config=CONFIG) as memory:
+        prompted: list[str] = []  # every text put in the chat template
+        chat_prompt = memory.engine.chat_prompt
+        monkeypatch.setattr(memory.engine, "chat_prompt", lambda text: prompted.append(text) or chat_prompt(text))
+
+        def questions(**options) -> set[str]:
+            """The questions (each prompt's last paragraph) one ask put in the chat template."""
+            prompted.clear()
+            memory.ask(QUESTION, max_new_tokens=1, exact=True, **options)
+            return {text.rsplit("\n\n", 1)[-1] for text in prompted} - {BASELINE_PROBE}
+
+        assert questions(answer_mode="passages") == {QUESTION + short}
+        assert questions(answer_mode="passages", instruction="") == {QUESTION}
+        assert questions(answer_mode="memory") == {QUESTION}
+        assert questions(answer_mode="reread", instruction=" Be brief.") == {QUESTION + " Be brief."}
+        assert questions(answer_mode="passages", chat=False) == set()  # a completion is asked as written
 
 
 def test_reread_places_only_what_fits_beside_question_and_answer(short_store, tiny_model_dir):

@@ -55,6 +55,9 @@ def add_store_commands(commands: argparse._SubParsersAction) -> None:
     ask.add_argument("--doc", action="append", metavar="ID_OR_NAME", help="attend to this document (repeatable)")
     ask.add_argument("--max-new-tokens", type=int, default=64, help="the most tokens in the answer")
     ask.add_argument("--no-chat", action="store_true", help="complete the text as given, without the chat template")
+    ask.add_argument("--instruction", default=None, metavar="TEXT",
+                     help="appended to the question in the chat template (default: the answer mode's own, "
+                          "' Answer in a few words.' for passages; '' for none)")
     ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     ask.add_argument("--sources", type=int, default=3, help="passages to cite")
     ask.add_argument("--json", action="store_true", help='print {"answer": ..., "sources": [...]}')
@@ -170,7 +173,7 @@ def _ask(args: argparse.Namespace) -> int:
         answer = ask_any_length(  # a question longer than the local window: its head is read into memory
             memory, args.question, docs=args.doc, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
             on_text=on_text, num_sources=args.sources, exact=args.exact, answer_mode=args.answer_mode,
-            ranking=args.ranking,
+            ranking=args.ranking, instruction=args.instruction,
         )
     for item in answer.left_out:
         print(f"fot-memory: note: left out the damaged document {item.doc!r} [{item.doc_id}]: {item.problem} "

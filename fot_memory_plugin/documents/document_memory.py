@@ -21,7 +21,7 @@ import numpy as np
 import platformdirs
 import torch
 
-from ..core.config import DEFAULT_ANSWER_MODE, DEFAULT_INDEX, DEFAULT_RANKING, MemoryConfig
+from ..core.config import CHAT_ANSWER_INSTRUCTIONS, DEFAULT_ANSWER_MODE, DEFAULT_INDEX, DEFAULT_RANKING, MemoryConfig
 from ..core.engine import MemoryEngine
 from ..core.errors import CorruptDocumentError, DocumentInputError, NoDocumentsError, QuestionTooLongError
 from ..models.loading import load_model, model_fingerprint
@@ -335,6 +335,7 @@ class DocumentMemory:
         exact: bool = False,
         answer_mode: AnswerMode = DEFAULT_ANSWER_MODE,
         ranking: Ranking = DEFAULT_RANKING,
+        instruction: str | None = None,
         **generate_options: Any,
     ) -> Answer:
         """Answer from the documents named in `docs` (ids or names; None: all), with sources.
@@ -345,9 +346,12 @@ class DocumentMemory:
         local context beside the question and the answer) before the question, then generates
         from that text with memory detached; "reread" does the same with memory still attached.
         Their sources are the placed passages (each run of adjacent placed chunks: cited chunks
-        with their neighbours, best first), then the cited chunks that did not fit, up to num_sources. ranking: "lift" ranks
-        passages by the attention the question gives them beyond a question-independent probe
-        (attention sinks drop out), "attention" by plain share. exact=True scans every stored key instead of searching the indexes: the
+        with their neighbours, best first), then the cited chunks that did not fit, up to
+        num_sources. ranking: "lift" ranks passages by the attention the question gives them
+        beyond a question-independent probe (attention sinks drop out), "attention" by plain
+        share. instruction: appended to a question asked in the chat template (chat=True); None:
+        the answer mode's own (CHAT_ANSWER_INSTRUCTIONS: "passages" asks for an answer in a few
+        words), "" for none. exact=True scans every stored key instead of searching the indexes: the
         reference, slower on large stores. A damaged document is left out (with a warning, and
         listed in `Answer.left_out`) unless `docs` names it, which raises CorruptDocumentError.
         Everything the answer needs is opened before generating, so a document forgotten by
@@ -355,6 +359,8 @@ class DocumentMemory:
         """
         if answer_mode not in ANSWER_MODES:
             raise ValueError(f"answer_mode must be one of {ANSWER_MODES}, got {answer_mode!r}.")
+        if chat:
+            question += CHAT_ANSWER_INSTRUCTIONS.get(answer_mode, "") if instruction is None else instruction
         records, left_out, prompt = self._records_and_prompt(question, docs, chat)
         by_id = {record.id: record for record in records}
         if answer_mode in ("reread", "passages"):
