@@ -95,6 +95,17 @@ def test_passages_placed_side_by_side_read_and_cite_as_one_run_scored_by_the_bet
     assert [(hit.chunk.index, [c.index for c in run]) for hit, run in runs] == [(5, [4, 5, 6]), (1, [0, 1, 2])]
     assert passage_text(choose_passages(apart, 60, of), ["d"]) == text[:33] + "\n\n" + text[46:]
 
+
+def test_the_best_passage_is_placed_last_next_to_the_question_unless_document_order_is_asked():
+    text = "Alpha one. Beta two. Gamma three. Delta four."
+    chunks = _chunks("d", [(0, 10), (11, 20), (21, 33), (34, 45)], text)
+    other = _chunks("e", [(0, 8)], "Omega x.")
+    ranked = [ScoredChunk("d", chunks[0], 0.5, 0.5), ScoredChunk("e", other[0], 0.4, 0.4),
+              ScoredChunk("d", chunks[3], 0.3, 0.3)]
+    chosen = choose_passages(ranked, budget_tokens=40, around=0)
+    assert passage_text(chosen) == "Delta four.\n\nOmega x.\n\nAlpha one."  # worst first, best last
+    assert passage_text(chosen, ["e", "d"]) == "Omega x.\n\nAlpha one.\n\nDelta four."
+
 @pytest.fixture(scope="module")
 def short_store(tmp_path_factory, tiny_model_dir) -> Path:
     folder = tmp_path_factory.mktemp("passages")
@@ -118,7 +129,7 @@ def test_reread_of_a_document_shorter_than_the_window_asks_with_the_document_in_
         assert " ".join(placed.split()) == " ".join(f"{document}\n\n{QUESTION}".split())
         answer = memory.ask(QUESTION, chat=False, max_new_tokens=4, answer_mode="reread", exact=True)
         with memory._attending(records, exact=True):
-            direct = memory.engine.generate(memory.engine.encode(f"{passage_text(chosen, [records[0].id])}\n\n{QUESTION}"),
+            direct = memory.engine.generate(memory.engine.encode(f"{passage_text(chosen)}\n\n{QUESTION}"),
                                             max_new_tokens=4)
         assert answer.text == memory.engine.tokenizer.decode(direct[0], skip_special_tokens=True).strip()
         # one source per placed passage (a cited chunk and its neighbours), exactly the document's text there
@@ -164,7 +175,7 @@ def test_reread_places_only_what_fits_beside_question_and_answer(short_store, ti
         assert reread.shape[1] + 8 <= memory.engine.config.context_length
         budget = memory.engine.config.context_length - prompt.shape[1] - 8
         assert chosen == choose_passages(ranked, budget, memory._chunks_of)[: len(chosen)] and chosen
-        expected = f"{passage_text(chosen, [records[0].id])}\n\n{QUESTION}"
+        expected = f"{passage_text(chosen)}\n\n{QUESTION}"
         assert memory.engine.tokenizer.decode(reread[0]) == memory.engine.tokenizer.decode(
             memory.engine.encode(expected)[0])
 

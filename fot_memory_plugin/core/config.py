@@ -26,7 +26,8 @@ RANKINGS: tuple[str, ...] = ("lift", "attention")
 # neighbour either side, answered from by the base weights with memory detached) answers 28, 28
 # and 25 of 70 at ~4k, ~16k and ~64k tokens, against 19, 11 and 3 for memory alone, 22, 21 and 16
 # for reread and 26, 26 and 25 for RAG. Lift keeps the document's opening and other attention
-# sinks out of the sources (planted facts, benchmarks/README.md).
+# sinks out of the sources (planted facts, benchmarks/README.md). Since then the best passage is
+# placed last, next to the question (passages.passage_text): 35, 36 and 32 of 70 on the CPU.
 DEFAULT_ANSWER_MODE: AnswerMode = "passages"
 # Appended to a question asked in the chat template, per answer mode. Measured on the same
 # benchmark (question form, CPU): "passages" answers 11, 11 and 9 of 35 with it at ~4k, ~16k and

@@ -342,7 +342,7 @@ class DocumentMemory:
 
         answer_mode: "memory" generates with the memory layers attending to the documents;
         "passages" first finds the passages the question draws memory attention to, puts their
-        text (each with a neighbouring chunk either side, document order, as much as fits the
+        text (each with a neighbouring chunk either side, the best last, as much as fits the
         local context beside the question and the answer) before the question, then generates
         from that text with memory detached; "reread" does the same with memory still attached.
         Their sources are the placed passages (each run of adjacent placed chunks: cited chunks
@@ -448,13 +448,13 @@ class DocumentMemory:
 
     def _reread_prompt(self, question: str, ranked: list[ScoredChunk], records: list[DocumentRecord], chat: bool,
                        max_new_tokens: int) -> tuple[list[Passage], torch.Tensor]:
-        """(the passages placed, best first; the prompt: their text in document order, a blank
+        """(the passages placed, best first; the prompt: their text with the best passage last, a blank
         line, the question), within the local context less the question's and answer's tokens."""
         prompt = self._prompt(question, chat)
         budget = self.engine.config.context_length - prompt.shape[1] - max_new_tokens
         placed = choose_passages(ranked, budget, self._chunks_of)
         while True:
-            text = passage_text(placed, [record.id for record in records])
+            text = passage_text(placed)
             content = f"{text}\n\n{question}" if text else question
             full = self._prompt(content, chat)
             if full.shape[1] + max_new_tokens <= self.engine.config.context_length or not placed:
