@@ -13,11 +13,11 @@ Order of a commit (each step survives a crash of the step after it):
      hnswlib does not report a failed write; or cluster indexes), fsynced
   3. the manifest (record and chunks, for `repair`) written and fsynced
   4. docs/<doc_id> recorded as 'write' pending (committed); the temp directory renamed to
-     docs/<doc_id>/, docs/ fsynced
+     docs/<doc_id>/, then its writer marker removed, docs/ fsynced
   5. ONE SQLite transaction: delete the documents it replaces (now 'delete' pending), insert
      its row and chunks, clear its own pending
   6. replaced documents' directories removed, their pending cleared
-A crash before 4 leaves a tmp/ directory with our writer marker; a crash in 4 or before 5 a
+A crash before the rename in 4 leaves a tmp/ directory with our writer marker; a crash in 4 or before 5 a
 'write'-pending directory without a row; a crash before the end of 6 a 'delete'-pending one.
 The next writer-side open removes exactly those, because the database says they are ours, and
 nothing else. Readers only ever see documents whose row is committed, so only complete documents.
@@ -479,13 +479,17 @@ class DocumentWriter:
         if existing and not self.force:
             raise DuplicateDocumentError(self.name, existing[0])
         write_manifest(self._layout, self._tmp, Manifest(record, chunks, self._fingerprint, FORMAT_VERSION))
-        (self._tmp / WRITER_MARKER).unlink()
         fsync_dir(self._tmp)
         self._meta.add_pending(record.id, "write")
         self._pending_added = True
+        after_step("manifest_written")
         final = self._layout.doc_dir(record.id)
+        # The writer marker stays until the rename: a crash before it leaves tmp/ debris that the
+        # next writer can prove is ours; after it, the pending entry has the directory removed.
         os.rename(self._tmp, final)
         self._tmp = final  # abort() now removes the published directory
+        (final / WRITER_MARKER).unlink()
+        fsync_dir(final)
         fsync_dir(self._layout.docs)
         after_step("renamed")
         self._meta.insert_document(record, chunks, replace_ids=existing)

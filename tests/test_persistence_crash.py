@@ -60,7 +60,7 @@ def _check_after_crash(path: Path, template, victim: str, finished: bool | None)
     return victim in names
 
 
-@pytest.mark.parametrize("step", ["kv_written", "files_written", "renamed", "committed"])
+@pytest.mark.parametrize("step", ["kv_written", "files_written", "manifest_written", "renamed", "committed"])
 def test_kill_at_each_commit_step(template, tmp_path, step):
     path = _copy(template, tmp_path, "store")
     marker = tmp_path / "marker"
