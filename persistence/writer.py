@@ -17,8 +17,9 @@ Order of a commit (each step survives a crash of the step after it):
   5. ONE SQLite transaction: delete the documents it replaces (now 'delete' pending), insert
      its row and chunks, clear its own pending
   6. replaced documents' directories removed, their pending cleared
-A crash before the rename in 4 leaves a tmp/ directory with our writer marker; a crash in 4 or before 5 a
-'write'-pending directory without a row; a crash before the end of 6 a 'delete'-pending one.
+A crash before the rename in 4 leaves a tmp/ directory with our writer marker; a crash after it
+or before 5 a 'write'-pending directory without a row; a crash before the end of 6 a
+'delete'-pending one.
 The next writer-side open removes exactly those, because the database says they are ours, and
 nothing else. Readers only ever see documents whose row is committed, so only complete documents.
 A full disk (or a file-size limit) anywhere raises StoreDiskFullError after the unfinished

@@ -106,6 +106,7 @@ def test_the_best_passage_is_placed_last_next_to_the_question_unless_document_or
     assert passage_text(chosen) == "Delta four.\n\nOmega x.\n\nAlpha one."  # worst first, best last
     assert passage_text(chosen, ["e", "d"]) == "Omega x.\n\nAlpha one.\n\nDelta four."
 
+
 @pytest.fixture(scope="module")
 def short_store(tmp_path_factory, tiny_model_dir) -> Path:
     folder = tmp_path_factory.mktemp("passages")
@@ -121,7 +122,7 @@ def test_reread_of_a_document_shorter_than_the_window_asks_with_the_document_in_
         records = memory.documents()
         prompt = memory.engine.encode(QUESTION)
         ranked = memory._passages(records, prompt, False, True, "lift")
-        chosen, reread = memory._reread_prompt(QUESTION, ranked, records, False, 4)
+        chosen, reread = memory._reread_prompt(QUESTION, ranked, False, 4)
         chunks = memory.store.chunks(records[0].id)
         assert {c.index for p in chosen for c in p.chunks} == {c.index for c in chunks}  # everything is placed
         document = BOOK.read_text(encoding="utf-8")[:600]
@@ -170,7 +171,7 @@ def test_reread_places_only_what_fits_beside_question_and_answer(short_store, ti
         records = memory.documents()
         prompt = memory.engine.encode(QUESTION)
         ranked = memory._passages(records, prompt, False, True, "lift")
-        chosen, reread = memory._reread_prompt(QUESTION, ranked, records, False, 8)
+        chosen, reread = memory._reread_prompt(QUESTION, ranked, False, 8)
         assert len({c.index for p in chosen for c in p.chunks}) < len(memory.store.chunks(records[0].id))
         assert reread.shape[1] + 8 <= memory.engine.config.context_length
         budget = memory.engine.config.context_length - prompt.shape[1] - 8

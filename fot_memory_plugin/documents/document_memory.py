@@ -365,7 +365,7 @@ class DocumentMemory:
         by_id = {record.id: record for record in records}
         if answer_mode in ("reread", "passages"):
             ranked = self._passages(records, prompt, chat, exact, ranking)
-            placed, prompt = self._reread_prompt(question, ranked, records, chat, max_new_tokens)
+            placed, prompt = self._reread_prompt(question, ranked, chat, max_new_tokens)
             if not placed:
                 logger.warning("no passage fits the local context beside the question: answering from %s alone",
                                "memory" if answer_mode == "reread" else "the question")
@@ -446,10 +446,10 @@ class DocumentMemory:
                                                 self.engine.config.local_window, self._chunks_of)
         return self._baselines[key]
 
-    def _reread_prompt(self, question: str, ranked: list[ScoredChunk], records: list[DocumentRecord], chat: bool,
+    def _reread_prompt(self, question: str, ranked: list[ScoredChunk], chat: bool,
                        max_new_tokens: int) -> tuple[list[Passage], torch.Tensor]:
-        """(the passages placed, best first; the prompt: their text with the best passage last, a blank
-        line, the question), within the local context less the question's and answer's tokens."""
+        """(the passages placed, best first; the prompt: their text with the best passage last, a
+        blank line, the question), within the local context less the question's and answer's tokens."""
         prompt = self._prompt(question, chat)
         budget = self.engine.config.context_length - prompt.shape[1] - max_new_tokens
         placed = choose_passages(ranked, budget, self._chunks_of)

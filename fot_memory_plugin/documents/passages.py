@@ -8,8 +8,8 @@ chunk: `lift = share under the question - share under the probe`.
 
 Re-read answering puts the best-ranked chunks' text, each with a neighbouring chunk either side,
 into the local context ahead of the question, the best passage last (nearest the question, where a
-small model reads most closely): memory attention chooses the
-evidence, and the model reads it verbatim instead of through a few retrieved keys per layer.
+small model reads most closely): memory attention chooses the evidence, and the model reads it
+verbatim instead of through a few retrieved keys per layer.
 `answer_mode="passages"` then generates with memory detached (the answer comes from the placed
 text alone), `"reread"` with memory still attached.
 """
