@@ -10,7 +10,8 @@ answer]) once with exact search, keeping every query each memory layer sends, th
 those queries again one position at a time, as decoding does, and compares with the exact
 top-k over the same stored keys: recall@k (ties count as hits) and captured mass (the softmax
 mass over ALL stored keys that the hits carry, relative to the exact top-k's), and the time per
-search. hnswlib rows need a store indexed with hnswlib; cluster rows use cluster indexes built
+search. --whole-passes searches each forward pass's queries together instead, as a prompt's
+prefill sends them (where the cluster index's shared candidate set binds: --shared). hnswlib rows need a store indexed with hnswlib; cluster rows use cluster indexes built
 here from the store's `.kv` files by the function a commit uses (timed: "build s").
 """
 
@@ -35,8 +36,10 @@ from fot_memory_plugin.persistence.memory import DocumentLayer
 from fot_memory_plugin.persistence.store import index_kind
 
 
-def capture(memory: DocumentMemory, questions: list, max_new_tokens: int) -> dict[int, list[torch.Tensor]]:
-    """Every query (1, Hq, 1, D) each memory layer sends while the questions are asked (exact search)."""
+def capture(memory: DocumentMemory, questions: list, max_new_tokens: int,
+            whole_passes: bool = False) -> dict[int, list[torch.Tensor]]:
+    """Every query (1, Hq, 1, D) each memory layer sends while the questions are asked (exact
+    search); whole_passes: each search's queries (1, Hq, T, D) as they were sent."""
     store = memory.store
     captured: dict[int, list[torch.Tensor]] = {}
     original = store.memory
@@ -58,6 +61,8 @@ def capture(memory: DocumentMemory, questions: list, max_new_tokens: int) -> dic
             memory.ask(question, chat=False, max_new_tokens=max_new_tokens, exact=True)
     finally:
         store.memory = original
+    if whole_passes:
+        return captured
     return {layer: [q[:, :, t : t + 1] for q in found for t in range(q.shape[2])] for layer, found in captured.items()}
 
 
@@ -97,6 +102,9 @@ def main() -> None:
     parser.add_argument("questions", type=Path)
     parser.add_argument("--efs", type=int, nargs="*", default=[128, 256, 512])
     parser.add_argument("--probes", type=float, nargs="*", default=[0.025, 0.05, 0.1])
+    parser.add_argument("--shared", type=float, nargs="+", default=[ClusterSearch().shared],
+                        help="ClusterSearch.shared values tried with each probe")
+    parser.add_argument("--whole-passes", action="store_true", help="search each pass's queries together")
     parser.add_argument("--cluster-size", type=int, default=IndexParams().cluster_size)
     parser.add_argument("--kmeans-sample", type=int, default=IndexParams().kmeans_sample)
     parser.add_argument("--kmeans-iterations", type=int, default=IndexParams().kmeans_iterations)
@@ -110,9 +118,9 @@ def main() -> None:
         window = memory.engine.config.local_window
         records = store.documents()
         kinds = {index_kind(record) for record in records}
-        captured = capture(memory, questions, args.max_new_tokens)
+        captured = capture(memory, questions, args.max_new_tokens, args.whole_passes)
         methods = [f"hnsw ef {ef}" for ef in args.efs if kinds == {"hnsw"}]
-        methods += [f"clusters probe {probe}" for probe in args.probes]
+        methods += [f"clusters probe {probe} shared {shared}" for probe in args.probes for shared in args.shared]
         params = IndexParams(kind="clusters", cluster_size=args.cluster_size, kmeans_sample=args.kmeans_sample,
                              kmeans_iterations=args.kmeans_iterations)
         build_seconds = []
@@ -131,8 +139,9 @@ def main() -> None:
                 if method.startswith("hnsw"):
                     searched = store.memory(layer, ef=int(method.split()[-1]), exact_below=0)
                 else:
+                    probe, shared = float(method.split()[2]), float(method.split()[4])
                     searched = PersistentMemory(layer, clustered, kv_heads=exact.kv_heads, head_dim=exact.head_dim,
-                                                exact_below=0, cluster_search=ClusterSearch(float(method.split()[-1])))
+                                                exact_below=0, cluster_search=ClusterSearch(probe, shared))
                 recalls, ratios, started = [], [], time.perf_counter()
                 hits = [searched.search(q, k) for q in queries]
                 seconds = time.perf_counter() - started
@@ -141,7 +150,7 @@ def main() -> None:
                     ratios.append((mass(q, hit.keys, hit.mask, z) / full).mean().item())
                 results[method][layer] = (statistics.fmean(recalls), statistics.fmean(ratios),
                                           1000 * seconds / len(queries))
-            print(f"layer {layer} done ({len(queries)} positions x {queries[0].shape[1]} heads)", flush=True)
+            print(f"layer {layer} done ({len(queries)} searches x {queries[0].shape[1]} heads)", flush=True)
 
     layers = sorted(captured)
     header = ["method"] + [f"layer {layer}" for layer in layers] + ["mean recall", "worst layer", "mean mass", "ms / search"]

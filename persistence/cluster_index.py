@@ -2,10 +2,11 @@
 
 Per KV head, the document's keys (centred on their mean, as the hnswlib index centres them) are
 clustered by k-means into about one cluster per `cluster_size` tokens. A search scores every
-centroid, keeps the best `probe` share of the clusters for each query, and ranks every key of
-those clusters, plus the first key of every reading window (an attention sink: 43% of the exact
-top-32 of smollm2-fot's asked queries on a whole novel, with no cluster of its own kind), by the
-exact inner product with the stored keys. Given every cluster it is exact search.
+centroid, keeps the best `probe` share of the clusters for each query row (at most `shared` of
+them for all the rows of one search together), and ranks every key of those clusters, plus the
+first key of every reading window (an attention sink: 43% of the exact top-32 of smollm2-fot's
+asked queries on a whole novel, with no cluster of its own kind), by the exact inner product
+with the stored keys. Given every cluster it is exact search.
 
 File `layer<L>.clusters.npz`, next to the layer's `.kv` file (per head h):
   centroids (Hkv, C, D) float16   centred k-means centroids
@@ -40,16 +41,30 @@ _SCORE_BUDGET = 1 << 24  # query x candidate scores per step of a search (64 MiB
 
 @dataclass(frozen=True)
 class ClusterSearch:
-    """How a cluster index is searched: the share of clusters ranked exactly per query."""
+    """How a cluster index is searched.
+
+    probe: the share of clusters each query row ranks on its own (its best by centroid score).
+    shared: the most clusters one search scores, as a share. The rows of one search (a prompt's
+    tokens x the query heads of a KV head) score one candidate set together: every row's best
+    cluster, then every row's second best, and so on, until `shared` of the clusters are taken or
+    every row has its `probe`. A decoding step (a few rows) gets its whole probe; a question's
+    prefill, whose rows' probes would together cover most of the document, gets a bounded set.
+    """
 
     # Measured on smollm2-fot's asked queries over a whole novel (recall@32, clusters of ~64,
     # k-means on 65,536 keys x 8 iterations): 0.025: 0.943, 0.05: 0.972, 0.1: 0.990; the shipped
     # k-means (IndexParams) gives 0.967 at 0.05 (benchmarks/README.md, "Cluster index").
     probe: float = 0.05
+    # The same queries searched as whole prompts send them: recall@32 0.944 at 0.2 (1.0: 0.985) in
+    # half the time, and the QA benchmark's answers and sources unchanged (benchmarks/README.md,
+    # "Searched as a prompt sends them").
+    shared: float = 0.2
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.probe <= 1.0:
-            raise ValueError(f"ClusterSearch.probe is a share of the clusters in (0, 1], got {self.probe!r}.")
+        for name in ("probe", "shared"):
+            value = getattr(self, name)
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"ClusterSearch.{name} is a share of the clusters in (0, 1], got {value!r}.")
 
 
 def _kmeans(points: torch.Tensor, clusters: int, iterations: int, generator: torch.Generator) -> torch.Tensor:
@@ -165,41 +180,38 @@ class ClusterHeadIndex:
     def search(self, queries: torch.Tensor, k: int, search: ClusterSearch,
                keys_at: Callable[[np.ndarray], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k of the document's tokens by inner product for queries (R, D) float32, k <= num_tokens:
-        exact scores (R, k) and token ids (R, k) int64, best first."""
-        clusters = len(self._sizes)
-        probed = max(math.ceil(search.probe * clusters), int(np.searchsorted(self._smallest_cumulative, k)) + 1)
-        probed = min(clusters, probed)
+        exact scores (R, k) and token ids (R, k) int64, best first, over one candidate set shared by
+        the rows (ClusterSearch says which clusters)."""
+        candidates = self._members(self._shared_clusters(queries, k, search))
         if self._start_keys is None and len(self._starts):
             self._start_keys = keys_at(self._starts)
-        rows = queries.shape[0]
-        step = max(1, _SCORE_BUDGET // max(1, self.num_tokens))
+        keys, ids = keys_at(candidates), torch.from_numpy(candidates)
+        if self._start_keys is not None:
+            keys, ids = torch.cat([keys, self._start_keys]), torch.cat([ids, torch.from_numpy(self._starts)])
+        found = min(k, len(ids))
+        step = max(1, _SCORE_BUDGET // max(1, len(ids)))
         all_scores, all_ids = [], []
-        for begin in range(0, rows, step):  # rows in chunks bound the (rows, candidates) scores
-            part = queries[begin : begin + step]
-            # 0 for the clusters a row probes, -inf for the others: added to the scores of their keys.
-            penalty = torch.full((len(part), clusters), float("-inf"))
-            penalty.scatter_(1, (part @ self._centroids.T).topk(probed, dim=1).indices, 0.0)
-            probed_any = np.flatnonzero(torch.isfinite(penalty).any(0).numpy())
-            candidates, owner = self._members(probed_any)
-            scores = (part @ keys_at(candidates).T).add_(penalty.index_select(1, torch.from_numpy(owner)))
-            ids = torch.from_numpy(candidates)
-            if self._start_keys is not None:
-                scores = torch.cat([scores, part @ self._start_keys.T], dim=1)
-                ids = torch.cat([ids, torch.from_numpy(self._starts)])
-            top, order = scores.topk(min(k, scores.shape[1]), dim=1)
+        for begin in range(0, queries.shape[0], step):  # rows in chunks bound the (rows, candidates) scores
+            top, order = (queries[begin : begin + step] @ keys.T).topk(found, dim=1)
             all_scores.append(top)
             all_ids.append(ids[order])
         return torch.cat(all_scores), torch.cat(all_ids)
 
-    def _members(self, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The tokens of these clusters, sorted (so the .kv file is read in order), and the
-        cluster each belongs to."""
+    def _shared_clusters(self, queries: torch.Tensor, k: int, search: ClusterSearch) -> np.ndarray:
+        """The clusters one search scores: the rows' best in turn (rank-major), at most search.shared of them."""
+        clusters = len(self._sizes)
+        # Enough clusters per row that they hold k keys even if they are the smallest.
+        enough = int(np.searchsorted(self._smallest_cumulative, k)) + 1
+        probed = min(clusters, max(math.ceil(search.probe * clusters), enough))
+        limit = min(clusters, max(probed, math.ceil(search.shared * clusters)))
+        ranked = (queries @ self._centroids.T).topk(probed, dim=1).indices  # (R, probed), best first
+        in_turn = ranked.T.reshape(-1).numpy()  # every row's best, then every row's second best, ...
+        _, first_seen = np.unique(in_turn, return_index=True)
+        return in_turn[np.sort(first_seen)[:limit]]
+
+    def _members(self, clusters: np.ndarray) -> np.ndarray:
+        """The tokens of these clusters, sorted (so the .kv file is read in order)."""
         sizes = self._sizes[clusters]
         begins = np.repeat(self._offsets[clusters] - np.cumsum(sizes) + sizes, sizes)
-        positions = begins + np.arange(int(sizes.sum()))
-        # Tokens are distinct across clusters: a cluster id per token, read back in token order,
-        # sorts them in O(N) instead of an argsort.
-        owner_of = np.full(self.num_tokens, -1, np.int64)
-        owner_of[self._order[positions]] = np.repeat(clusters, sizes)
-        tokens = np.flatnonzero(owner_of >= 0)
-        return tokens, owner_of[tokens]
+        tokens = self._order[begins + np.arange(int(sizes.sum()))]
+        return np.sort(tokens).astype(np.int64)

@@ -159,6 +159,17 @@ def fsync_tree(root: Path) -> None:
     fsync_dir(root)
 
 
+def file_stamp(path: Path) -> list[int]:
+    """What changes whenever a file's bytes are written, moved or copied: [inode, mtime ns, ctime ns].
+
+    A file whose stamp equals the one taken when its checksum was computed (at write time) has not
+    been written since, so its checksum need not be read again before use; `verify` still reads it.
+    Media errors that change no stamp are found by `verify` only.
+    """
+    status = os.stat(path)
+    return [status.st_ino, status.st_mtime_ns, status.st_ctime_ns]
+
+
 def crc32_file(path: Path) -> str:
     """CRC-32 of a whole file as 8 hex digits."""
     crc = 0

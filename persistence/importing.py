@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import DocumentImportError, DuplicateDocumentError, FingerprintRequiredError
-from .files import StoreLayout, crc32_file, fsync_file, kv_filename
+from .files import StoreLayout, crc32_file, file_stamp, fsync_file, kv_filename
 from .hnsw_index import IndexParams
 from .metadata import DocumentRecord, Metadata, fingerprint_differences
 from .writer import ChunkSpan, DocumentWriter
@@ -74,7 +74,7 @@ class ImportWriter(DocumentWriter):
                 f"{expected['crc32']}. The source document is damaged: read the file again."
             )
         fsync_file(target)
-        return {"size": size, "crc32": crc}
+        return {"size": size, "crc32": crc, "stamp": file_stamp(target)}  # the copy's own: checked just now
 
     def _finish_kv_files(self) -> dict[str, dict[str, Any]]:
         return {kv_filename(layer): self._copy(kv_filename(layer)) for layer in self._source.layers}

@@ -97,7 +97,8 @@ def _now() -> str:
 
 @dataclass(frozen=True)
 class DocumentRecord:
-    """A ready document. `files` maps file name -> {"size": bytes, "crc32": hex}."""
+    """A ready document. `files` maps file name -> {"size": bytes, "crc32": hex, and for files written
+    since stamps were kept "stamp": file_stamp at write time}."""
 
     id: str
     name: str

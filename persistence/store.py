@@ -59,6 +59,7 @@ from .files import (
     clusters_filename,
     crc32_file,
     extras_filename,
+    file_stamp,
     index_filename,
     kv_filename,
     remove_tree,
@@ -82,7 +83,7 @@ __all__ = ["MemoryStore"]
 
 logger = logging.getLogger(__name__)
 
-Verify = Literal["full", "size"]
+Verify = Literal["full", "always", "size"]
 
 
 class MemoryStore:
@@ -136,16 +137,20 @@ class MemoryStore:
             (enough for searching; writing needs it; `bind_fingerprint` can give it later).
         create: make a new store when there is none. readonly: never write, lock or clean up.
         lock_timeout: seconds a writer waits for another writer before StoreLockedError.
-        verify: "full" checks every file's CRC-32 before its first use in this process (and its
-            size always); "size" checks sizes only, except hnswlib files, which are always
-            checksummed because hnswlib can crash on a damaged file.
+        verify: "full" makes sure of every file's CRC-32 before its first use in this process:
+            it is read again, unless the file is untouched since the writer computed it (same
+            inode, mtime and ctime: `file_stamp`), so a byte changed by any write is found before
+            it answers and `verify()` finds what the disk itself damaged; "always" reads every
+            file's CRC-32 before first use, untouched or not; "size" checks sizes only, except
+            index files, which are always checksummed (hnswlib can crash on a damaged file).
+            Sizes are always checked.
         hold_lock: take the writer lock now and keep it until close (a CLI checks it before it
             spends time loading a model); writes and forgets of this store then use it.
         shared: a NEW store's files get the process's umask instead of owner-only permissions
             (0600 / 0700), for stores other users read. An existing store keeps what it has.
         """
-        if verify not in ("full", "size"):
-            raise ValueError(f"verify must be 'full' or 'size', got {verify!r}.")
+        if verify not in ("full", "always", "size"):
+            raise ValueError(f"verify must be 'full', 'always' or 'size', got {verify!r}.")
         root = Path(path).expanduser().absolute()
         check_store_path(root)
         layout = StoreLayout(root, private=cls._is_private(root, shared))
@@ -542,7 +547,7 @@ class MemoryStore:
                     if checksum:
                         self._verified = {key for key in self._verified if key[0] != record.id}
                     for file_name, file in record.files.items():
-                        self._check_file(record, file_name, checksum=checksum)
+                        self._check_file(record, file_name, checksum=checksum, trust_stamp=False)
                         bar.update(file["size"])
                     if checksum:
                         self._check_manifest(record)
@@ -568,7 +573,7 @@ class MemoryStore:
         the damaged ones, so a question over many documents can leave the damaged out."""
         def problem(job: tuple[DocumentRecord, str]) -> str | None:
             record, file_name = job
-            checksum = self.verify_mode == "full" or _always_checksummed(file_name)
+            checksum = self.verify_mode != "size" or _always_checksummed(file_name)
             try:
                 self._check_file(record, file_name, checksum=checksum)
             except CorruptDocumentError as error:
@@ -585,8 +590,11 @@ class MemoryStore:
                 damaged.setdefault(record.id, found)  # the first problem in the record's file order
         return [record for record in records if record.id not in damaged], damaged
 
-    def _check_file(self, record: DocumentRecord, file_name: str, *, checksum: bool) -> Path:
-        """Path of one of a document's files after checking its size (and CRC-32 once per process)."""
+    def _check_file(self, record: DocumentRecord, file_name: str, *, checksum: bool,
+                    trust_stamp: bool | None = None) -> Path:
+        """Path of one of a document's files after checking its size (and CRC-32 once per process).
+        trust_stamp: skip reading the CRC-32 of a file untouched since it was written (default:
+        as the verify mode says)."""
         path = self._layout.doc_dir(record.id) / file_name
         expected = record.files.get(file_name)
         if expected is None:
@@ -600,8 +608,13 @@ class MemoryStore:
         if size != expected["size"]:
             raise CorruptDocumentError(record.id, record.name,
                                        f"{file_name} has {size} bytes, {expected['size']} were written")
+        if trust_stamp is None:
+            trust_stamp = self.verify_mode != "always"
         if checksum and (record.id, file_name) not in self._verified:
-            if crc32_file(path) != expected["crc32"]:
+            # hnswlib graphs are read every time: a damaged one can crash the process, not just answer wrong.
+            untouched = (trust_stamp and not file_name.endswith(".hnsw") and expected.get("stamp") is not None
+                         and file_stamp(path) == expected["stamp"])
+            if not untouched and crc32_file(path) != expected["crc32"]:
                 raise CorruptDocumentError(record.id, record.name, f"{file_name} differs from its checksum")
             self._verified.add((record.id, file_name))
         return path
@@ -621,7 +634,8 @@ class MemoryStore:
         """A searchable memory of one layer over some documents (ids or names; None = all ready ones).
 
         ef: hnswlib search breadth (default `default_ef(k)`, always >= k). cluster_search: how documents
-        with cluster indexes are searched (default ClusterSearch(): 5% of the clusters per query). exact: scan every key instead of
+        with cluster indexes are searched (default ClusterSearch(): 5% of the clusters per query row, at
+        most 20% per search). exact: scan every key instead of
         using the indexes (the reference path). exact_below: documents shorter than this many
         tokens are scanned exactly anyway (faster there). A damaged document raises
         CorruptDocumentError naming it; a memory over the other documents still works.
@@ -659,7 +673,7 @@ class MemoryStore:
             part = self._loaded.get((record.id, layer))
             if part is None:
                 name = kv_filename(layer)
-                path = self._check_file(record, name, checksum=self.verify_mode == "full")
+                path = self._check_file(record, name, checksum=self.verify_mode != "size")
                 assert record.files[name]["size"] == kv_file_size(record.num_tokens, record.kv_heads,
                                                                    record.head_dim, record.dtype)
                 kv = open_kv(path, record.num_tokens, record.kv_heads, record.head_dim, record.dtype)

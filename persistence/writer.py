@@ -49,6 +49,7 @@ from .files import (
     clusters_filename,
     crc32_file,
     extras_filename,
+    file_stamp,
     fsync_dir,
     fsync_file,
     index_filename,
@@ -405,7 +406,7 @@ class DocumentWriter:
         for layer, writer in sorted(self._files.items()):
             size, crc = writer.finish()
             fsync_file(writer.path)
-            files[writer.path.name] = {"size": size, "crc32": crc}
+            files[writer.path.name] = {"size": size, "crc32": crc, "stamp": file_stamp(writer.path)}
         return files
 
     def _save_indexes(self, files: dict[str, dict[str, Any]]) -> dict[str, dict[str, list]]:
@@ -447,7 +448,7 @@ class DocumentWriter:
             index.save(path)
             self._layout.restrict(path)
             fsync_file(path)
-            files[path.name] = {"size": path.stat().st_size, "crc32": crc32_file(path)}
+            files[path.name] = {"size": path.stat().st_size, "crc32": crc32_file(path), "stamp": file_stamp(path)}
             summary[str(layer)] = {"clusters": [index.num_clusters], "window_starts": [len(index.starts)]}
         return summary
 

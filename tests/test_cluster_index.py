@@ -51,15 +51,42 @@ def test_probing_every_cluster_equals_exact_search(cluster_store, layer):
     assert torch.equal(clusters.keys, exact.keys) and torch.equal(clusters.values, exact.values)
 
 
-def test_the_default_probe_finds_most_of_the_exact_top_k(cluster_store):
+def test_the_default_probe_finds_most_of_the_exact_top_k_one_position_at_a_time(cluster_store):
     query = synth.queries(5, 16)
     with MemoryStore.open(cluster_store, readonly=True) as store:
         exact = store.memory(0, exact=True).search(query, 32)
-        found = store.memory(0, exact_below=0).search(query, 32)  # ClusterSearch(): 5% of the clusters
-    assert found.mask.all()
-    for row in found.token_ids.reshape(-1, 32):
+        memory = store.memory(0, exact_below=0)  # ClusterSearch(): 5% of the clusters per row
+        found = [memory.search(query[:, :, t : t + 1], 32) for t in range(16)]  # as decoding sends them
+    ids = torch.cat([hits.token_ids for hits in found], dim=2)
+    assert all(hits.mask.all() for hits in found)
+    for row in ids.reshape(-1, 32):
         assert len(set(row.tolist())) == 32
-    assert synth.recall(found.token_ids[0].numpy(), exact.token_ids[0].numpy()) > 0.6  # chance: ~0.05
+    assert synth.recall(ids[0].numpy(), exact.token_ids[0].numpy()) > 0.6  # chance: ~0.05
+
+
+def test_a_prompt_s_rows_share_a_bounded_candidate_set(cluster_store):
+    """All the rows of one search score the same clusters: each row's best in turn, at most
+    `shared` of them, so a long prompt costs about what one row costs; a larger share can only
+    find more of each row's exact top-k."""
+    query = synth.queries(6, 16)
+    with MemoryStore.open(cluster_store, readonly=True) as store:
+        exact = store.memory(0, exact=True).search(query, 32).token_ids[0].numpy()
+        part = store.memory(0, exact_below=0)._parts[0]
+        head = part.indexes[0]
+        group = synth.Q_HEADS // synth.KV_HEADS
+        rows = query[0, :group].reshape(-1, synth.HEAD_DIM)  # the rows KV head 0 is searched with
+        chosen = {share: head._shared_clusters(rows, 32, ClusterSearch(probe=0.05, shared=share))
+                  for share in (0.05, 0.2, 1.0)}
+        recalls = {share: synth.recall(store.memory(0, exact_below=0, cluster_search=ClusterSearch(0.05, share))
+                                       .search(query, 32).token_ids[0].numpy(), exact)
+                   for share in (0.05, 0.2, 1.0)}
+    clusters = len(head._sizes)
+    assert len(chosen[0.05]) == -(-clusters * 5 // 100) and len(set(chosen[0.05].tolist())) == len(chosen[0.05])
+    assert len(chosen[0.2]) == -(-clusters * 20 // 100)
+    assert set(chosen[0.05]) <= set(chosen[0.2]) <= set(chosen[1.0])  # taken in turn: a prefix of one order
+    best = (rows @ head._centroids.T).argmax(1).numpy()
+    assert set(best) <= set(chosen[0.2])  # every row's best cluster comes first
+    assert recalls[0.05] <= recalls[0.2] <= recalls[1.0]
 
 
 def test_a_k_larger_than_the_probed_clusters_hold_still_fills_every_slot(cluster_store):
