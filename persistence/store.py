@@ -611,8 +611,7 @@ class MemoryStore:
         if trust_stamp is None:
             trust_stamp = self.verify_mode != "always"
         if checksum and (record.id, file_name) not in self._verified:
-            # hnswlib graphs are read every time: a damaged one can crash the process, not just answer wrong.
-            untouched = (trust_stamp and not file_name.endswith(".hnsw") and expected.get("stamp") is not None
+            untouched = (trust_stamp and _stamp_may_be_trusted(file_name) and expected.get("stamp") is not None
                          and file_stamp(path) == expected["stamp"])
             if not untouched and crc32_file(path) != expected["crc32"]:
                 raise CorruptDocumentError(record.id, record.name, f"{file_name} differs from its checksum")
@@ -735,6 +734,12 @@ class _Releaser:
 def index_kind(record: DocumentRecord) -> str:
     """"clusters" or "hnsw": how a document's keys are indexed (documents before cluster indexes: hnsw)."""
     return record.index_params.get("kind", "hnsw")
+
+
+def _stamp_may_be_trusted(file_name: str) -> bool:
+    """hnswlib graphs are checksummed before every first use, stamp or not: a damaged one can crash
+    the process, not just answer wrong."""
+    return not file_name.endswith(".hnsw")
 
 
 def _always_checksummed(file_name: str) -> bool:
