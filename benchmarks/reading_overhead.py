@@ -64,6 +64,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--indexes", nargs="*", choices=("hnsw", "clusters"), default=["hnsw", "clusters"],
                         help="store index kinds; one store variant per reading and kind (none: no store variants)")
     parser.add_argument("--recall", action="store_true", help="also measure block retrieval's recall while reading")
+    parser.add_argument("--sync-copies", action="store_true",
+                        help="on a GPU, also each store variant handed CPU copies made in the reading loop "
+                             "(how the writer took GPU windows before it copied them without waiting)")
+    parser.add_argument("--kmeans", nargs="+", choices=("auto", "two-level", "flat"), default=["auto"],
+                        help="the cluster indexes' k-means (IndexParams.kmeans), one store variant each")
     return parser.parse_args()
 
 
@@ -138,8 +143,10 @@ def block_recall(engine: MemoryEngine, ids: torch.Tensor) -> dict[str, float]:
 
 
 def to_store(engine: MemoryEngine, ids: torch.Tensor, reading: str, fingerprint: dict,
-             threads: int = 1, index: str = "hnsw") -> dict[str, float]:
-    """DocumentMemory.read_text's reading path (begin_document, read with on_window, commit)."""
+             threads: int = 1, index: str = "hnsw", sync_copies: bool = False,
+             kmeans: str = "auto") -> dict[str, float]:
+    """DocumentMemory.read_text's reading path (begin_document, read with on_window, commit);
+    sync_copies: the writer gets each window as CPU tensors copied (and waited for) here."""
     rk.OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=rk.OUT) as directory:
         with MemoryStore.open(directory, fingerprint=fingerprint) as store:
@@ -147,18 +154,21 @@ def to_store(engine: MemoryEngine, ids: torch.Tensor, reading: str, fingerprint:
             started = time.perf_counter()
             digest = hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()
             with store.begin_document("book", sha256=digest, text_length=ids.shape[1], dtype="float16",
-                                      threads=threads, index_params=IndexParams(kind=index),
+                                      threads=threads, index_params=IndexParams(kind=index, kmeans=kmeans),
                                       index_device=None if engine.device.type == "cpu" else str(engine.device)) as writer:
 
                 def write(start: int, end: int, captured: rk.Window) -> None:
                     for layer, (keys, values) in captured.items():
+                        if sync_copies:
+                            keys, values = keys.cpu(), values.cpu()
                         writer.append(layer, keys[0], values[0])  # (Hkv, T, D)
 
                 engine.read(ids, retrieve=reading != "none", on_window=write)
                 read = time.perf_counter()
             finished = time.perf_counter()
             engine.reset()
-    return {"total": finished - started, "commit": finished - read}
+    steps = {f"commit {step}": seconds for step, seconds in writer.commit_seconds.items()}
+    return {"total": finished - started, "commit": finished - read, **steps}
 
 
 def _with_cpu_time(run: Callable[[torch.Tensor], dict[str, float]]) -> Callable[[torch.Tensor], dict[str, float]]:
@@ -187,9 +197,14 @@ def main() -> None:
         variants.append((f"RAM, {reading}", lambda ids, reading=reading: in_ram(engine, ids, reading)))
         for index in args.indexes:
             for threads in args.writer_threads:
-                name = f"store {index}, {reading}" + ("" if args.writer_threads == [1] else f", {threads} writer threads")
-                variants.append((name, lambda ids, reading=reading, threads=threads, index=index:
-                                 to_store(engine, ids, reading, fingerprint, threads, index)))
+                for sync in (False, True) if args.sync_copies else (False,):
+                    for kmeans in args.kmeans if index == "clusters" else ["auto"]:
+                        name = (f"store {index}, {reading}"
+                                + ("" if args.writer_threads == [1] else f", {threads} writer threads")
+                                + (", sync copies" if sync else "") + ("" if len(args.kmeans) == 1 else f", {kmeans} k-means"))
+                        variants.append((name, lambda ids, reading=reading, threads=threads, index=index, sync=sync,
+                                         kmeans=kmeans: to_store(engine, ids, reading, fingerprint, threads, index,
+                                                                 sync, kmeans)))
     variants = [(name, _with_cpu_time(run)) for name, run in variants]
     results: dict[tuple[int, str], list[dict[str, float]]] = {}
     recalls: dict[int, dict[str, float]] = {}

@@ -11,7 +11,8 @@ those queries again one position at a time, as decoding does, and compares with 
 top-k over the same stored keys: recall@k (ties count as hits) and captured mass (the softmax
 mass over ALL stored keys that the hits carry, relative to the exact top-k's), and the time per
 search. --whole-passes searches each forward pass's queries together instead, as a prompt's
-prefill sends them (where the cluster index's shared candidate set binds: --shared). hnswlib rows need a store indexed with hnswlib; cluster rows use cluster indexes built
+prefill sends them (where the cluster index's shared candidate set binds: --shared).
+hnswlib rows need a store indexed with hnswlib; cluster rows use cluster indexes built
 here from the store's `.kv` files by the function a commit uses (timed: "build s").
 """
 
@@ -66,13 +67,15 @@ def capture(memory: DocumentMemory, questions: list, max_new_tokens: int,
     return {layer: [q[:, :, t : t + 1] for q in found for t in range(q.shape[2])] for layer, found in captured.items()}
 
 
-def clustered_parts(exact: PersistentMemory, params: IndexParams, window: int) -> tuple[list[DocumentLayer], float]:
+def clustered_parts(exact: PersistentMemory, params: IndexParams, window: int,
+                    two_level: bool) -> tuple[list[DocumentLayer], float]:
     """The same documents with cluster indexes built here from their `.kv` files; build seconds."""
     parts, started = [], time.perf_counter()
     for part in exact._parts:
         size = max(params.cluster_size, -(-part.num_tokens // params.max_clusters))
         index = build_cluster_index(part.kv, part.dtype, np.arange(0, part.num_tokens, window), cluster_size=size,
-                                    iterations=params.kmeans_iterations, sample=params.kmeans_sample, seed=params.seed)
+                                    iterations=params.kmeans_iterations, sample=params.kmeans_sample, seed=params.seed,
+                                    two_level=two_level)
         parts.append(DocumentLayer(part.doc_id, part.name, part.kv, part.dtype,
                                    [index.head(h) for h in range(part.kv.shape[2])]))
     return parts, time.perf_counter() - started
@@ -108,6 +111,8 @@ def main() -> None:
     parser.add_argument("--cluster-size", type=int, default=IndexParams().cluster_size)
     parser.add_argument("--kmeans-sample", type=int, default=IndexParams().kmeans_sample)
     parser.add_argument("--kmeans-iterations", type=int, default=IndexParams().kmeans_iterations)
+    parser.add_argument("--kmeans", nargs="+", choices=["two-level", "flat"], default=["two-level"],
+                        help="how the cluster indexes' k-means runs (build_cluster_index's two_level)")
     parser.add_argument("--max-new-tokens", type=int, default=6)
     parser.add_argument("--json", type=Path, help="also write the table's figures here")
     args = parser.parse_args()
@@ -120,10 +125,11 @@ def main() -> None:
         kinds = {index_kind(record) for record in records}
         captured = capture(memory, questions, args.max_new_tokens, args.whole_passes)
         methods = [f"hnsw ef {ef}" for ef in args.efs if kinds == {"hnsw"}]
-        methods += [f"clusters probe {probe} shared {shared}" for probe in args.probes for shared in args.shared]
+        methods += [f"clusters {kmeans} probe {probe} shared {shared}" for kmeans in args.kmeans
+                    for probe in args.probes for shared in args.shared]
         params = IndexParams(kind="clusters", cluster_size=args.cluster_size, kmeans_sample=args.kmeans_sample,
                              kmeans_iterations=args.kmeans_iterations)
-        build_seconds = []
+        build_seconds: dict[str, list[float]] = {kmeans: [] for kmeans in args.kmeans}
         print(f"{args.store}: {sum(r.num_tokens for r in records)} tokens, {len(questions)} questions, "
               f"top_k {k}; recall@{k} / captured mass vs exact / ms per search\n", flush=True)
         results: dict[str, dict[int, tuple[float, float, float]]] = {method: {} for method in methods}
@@ -133,15 +139,18 @@ def main() -> None:
             reference = [exact.search(q, k) for q in queries]
             normalisers = [log_normaliser(exact, q) for q in queries]
             exact_mass = [mass(q, ref.keys, ref.mask, z) for q, ref, z in zip(queries, reference, normalisers)]
-            clustered, seconds = clustered_parts(exact, params, window) if args.probes else ([], 0.0)
-            build_seconds.append(seconds)
+            clustered = {}
+            for kmeans in args.kmeans if args.probes else []:
+                clustered[kmeans], seconds = clustered_parts(exact, params, window, kmeans == "two-level")
+                build_seconds[kmeans].append(seconds)
             for method in methods:
                 if method.startswith("hnsw"):
                     searched = store.memory(layer, ef=int(method.split()[-1]), exact_below=0)
                 else:
-                    probe, shared = float(method.split()[2]), float(method.split()[4])
-                    searched = PersistentMemory(layer, clustered, kv_heads=exact.kv_heads, head_dim=exact.head_dim,
-                                                exact_below=0, cluster_search=ClusterSearch(probe, shared))
+                    words = method.split()
+                    search = ClusterSearch(float(words[3]), float(words[5]))
+                    searched = PersistentMemory(layer, clustered[words[1]], kv_heads=exact.kv_heads, head_dim=exact.head_dim,
+                                                exact_below=0, cluster_search=search)
                 recalls, ratios, started = [], [], time.perf_counter()
                 hits = [searched.search(q, k) for q in queries]
                 seconds = time.perf_counter() - started
@@ -162,8 +171,8 @@ def main() -> None:
                        f"{statistics.fmean(per_layer[layer][1] for layer in layers):.3f}",
                        f"{statistics.fmean(per_layer[layer][2] for layer in layers):.1f}"])
     print(rk.markdown_table(header, rows))
-    if args.probes:
-        print(f"\ncluster index build: {statistics.fmean(build_seconds):.1f} s per layer (all KV heads)")
+    for kmeans, seconds in build_seconds.items() if args.probes else []:
+        print(f"\ncluster index build, {kmeans} k-means: {statistics.fmean(seconds):.1f} s per layer (all KV heads)")
     if args.json:
         args.json.write_text(json.dumps({method: {str(layer): dict(zip(("recall", "mass", "ms"), values))
                                                    for layer, values in per_layer.items()}

@@ -1,12 +1,12 @@
 """The cluster index of one (document, memory layer): an inverted file over its keys.
 
 Per KV head, the document's keys (centred on their mean, as the hnswlib index centres them) are
-clustered by k-means into about one cluster per `cluster_size` tokens. A search scores every
-centroid, keeps the best `probe` share of the clusters for each query row (at most `shared` of
-them for all the rows of one search together), and ranks every key of those clusters, plus the
-first key of every reading window (an attention sink: 43% of the exact top-32 of smollm2-fot's
-asked queries on a whole novel, with no cluster of its own kind), by the exact inner product
-with the stored keys. Given every cluster it is exact search.
+clustered by k-means into about one cluster per `cluster_size` tokens (in two levels above 512
+clusters on a CPU: IndexParams.kmeans). A search scores every centroid, keeps the best `probe`
+share of the clusters for each query row (at most `shared` of them for all the rows of one
+search together), and ranks every key of those clusters, plus the first key of every reading
+window (an attention sink: 43% of the exact top-32 of smollm2-fot's asked queries on a whole
+novel, with no cluster of its own kind), by the exact inner product with the stored keys. Given every cluster it is exact search.
 
 File `layer<L>.clusters.npz`, next to the layer's `.kv` file (per head h):
   centroids (Hkv, C, D) float16   centred k-means centroids
@@ -37,6 +37,10 @@ __all__ = ["ClusterSearch", "ClusterIndex", "ClusterHeadIndex", "build_cluster_i
 
 _ASSIGN_ROWS = 4096  # keys assigned to centroids per matmul while building
 _SCORE_BUDGET = 1 << 24  # query x candidate scores per step of a search (64 MiB)
+# Up to this many clusters k-means scores every centroid for every key; above, it goes in two
+# levels (a 168k-token layer has ~2,600 clusters: the commit's k-means was 12% of the reading).
+_FLAT_CLUSTERS = 512
+_GROUPS_TRIED = 3  # coarse groups whose clusters a key is assigned among
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,9 @@ class ClusterSearch:
     # half the time, and the QA benchmark's answers and sources unchanged (benchmarks/README.md,
     # "Searched as a prompt sends them").
     shared: float = 0.2
+    # Prompts of ~380 tokens (benchmarks/results/novel/pp_long_prompts.json) lose more: 0.924
+    # (worst layer 0.870), against 0.996 at 1.0 in 2.7x the time. Their rows' best 2-4 clusters
+    # are in the set already (a per-row floor changed nothing); each row would need its own probe.
 
     def __post_init__(self) -> None:
         for name in ("probe", "shared"):
@@ -95,11 +102,58 @@ def _nearest(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return nearest
 
 
+def _two_level_kmeans(points: torch.Tensor, clusters: int, groups: int, iterations: int,
+                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """k-means in two levels: `groups` coarse centroids, then each group's points split into a
+    share of the clusters proportional to its size. Returns (centroids (C', D) listed group by
+    group, C' <= clusters; the coarse centroids (G, D); group offsets (G + 1,) into centroids).
+    With G ~ sqrt(C) each point is scored against a few sqrt(C) centroids instead of C."""
+    coarse = _kmeans(points, groups, iterations, generator)
+    member = _nearest(points, coarse)
+    counts = torch.bincount(member, minlength=groups).cpu()
+    # Largest remainder: the shares sum to `clusters`; a group never gets more clusters than points.
+    quota = counts.double() * clusters / len(points)
+    shares = quota.floor().long()
+    shares[torch.argsort(quota - shares, descending=True)[: clusters - int(shares.sum())]] += 1
+    shares = torch.minimum(shares.clamp(min=1), counts).tolist()
+    fine = [_kmeans(points[member == group], share, iterations, generator)
+            for group, share in enumerate(shares) if share]
+    offsets = torch.tensor([0] + shares).cumsum(0)
+    return torch.cat(fine), coarse, offsets
+
+
+def _nearest_grouped(points: torch.Tensor, centroids: torch.Tensor, coarse: torch.Tensor,
+                     offsets: torch.Tensor, tried: int) -> torch.Tensor:
+    """The nearest centroid (L2) of each point among the groups of its `tried` nearest coarse
+    centroids (the exact nearest unless it lies in a farther group)."""
+    half_norms = 0.5 * (centroids * centroids).sum(1)
+    coarse_scores = points @ coarse.T - 0.5 * (coarse * coarse).sum(1)
+    tried = min(tried, len(coarse))
+    near_groups = coarse_scores.topk(tried, dim=1).indices.reshape(-1)  # pair p: point p // tried
+    # Each (point, group) pair once, grouped by group: one matmul per group over its points.
+    by_group = torch.argsort(near_groups, stable=True)
+    ends = torch.bincount(near_groups, minlength=len(coarse)).cumsum(0).tolist()
+    best = torch.full((len(near_groups),), -math.inf, device=points.device)
+    which = torch.zeros(len(near_groups), dtype=torch.long, device=points.device)
+    start = 0
+    for group, end in enumerate(ends):
+        begin_c, end_c = int(offsets[group]), int(offsets[group + 1])
+        if end > start and end_c > begin_c:
+            pairs = by_group[start:end]
+            top, at = (points[pairs // tried] @ centroids[begin_c:end_c].T - half_norms[begin_c:end_c]).max(1)
+            best[pairs], which[pairs] = top, at + begin_c
+        start = end
+    pick = best.reshape(-1, tried).argmax(1, keepdim=True)
+    return which.reshape(-1, tried).gather(1, pick).squeeze(1)
+
+
 def build_cluster_index(kv: np.ndarray, dtype: str, starts: np.ndarray, *, cluster_size: int,
-                        iterations: int, sample: int, seed: int, device: str | torch.device = "cpu") -> ClusterIndex:
+                        iterations: int, sample: int, seed: int, device: str | torch.device = "cpu",
+                        two_level: bool = True) -> ClusterIndex:
     """The cluster index of the stored rows kv (N, 2, Hkv, D); starts: window start tokens.
     device: where k-means runs (a GPU makes it a fraction of a second per layer); the same
-    seed gives the same clusters on one device."""
+    seed gives the same clusters on one device. two_level: above _FLAT_CLUSTERS clusters, fit
+    and assign them in two levels (_two_level_kmeans) rather than scoring every centroid."""
     num_tokens, _, kv_heads, dim = kv.shape
     starts = np.unique(np.asarray(starts, np.int64))
     if len(starts) and (starts[0] < 0 or starts[-1] >= num_tokens):
@@ -107,21 +161,33 @@ def build_cluster_index(kv: np.ndarray, dtype: str, starts: np.ndarray, *, clust
     clustered = np.setdiff1d(np.arange(num_tokens, dtype=np.int64), starts)
     clusters = max(1, min(len(clustered), round(len(clustered) / cluster_size)))
     generator = torch.Generator().manual_seed(seed)
-    centroids = np.zeros((kv_heads, clusters, dim), np.float16)
-    order = np.zeros((kv_heads, len(clustered)), np.int32)
-    offsets = np.zeros((kv_heads, clusters + 1), np.int64)
+    fitted_per_head, nearest_per_head = [], []
     for head in range(kv_heads):
         keys = rows_float32(kv[clustered, 0, head], dtype).to(device)  # (n, D)
         keys -= keys.mean(0) if len(keys) else 0.0
-        picked = torch.randperm(len(keys), generator=generator)[:sample].to(device)
-        fitted = (_kmeans(keys[picked], clusters, iterations, generator) if len(keys)
-                  else torch.zeros(1, dim, device=device))
-        nearest = _nearest(keys, fitted).cpu().numpy()
-        fitted = fitted.cpu()
-        grouped = np.argsort(nearest, kind="stable")
-        centroids[head] = fitted.numpy().astype(np.float16)
-        order[head] = clustered[grouped].astype(np.int32)
-        offsets[head, 1:] = np.cumsum(np.bincount(nearest, minlength=clusters))
+        picked = keys[torch.randperm(len(keys), generator=generator)[:sample].to(device)]
+        if not len(keys):
+            fitted, nearest = torch.zeros(1, dim, device=device), torch.zeros(0, dtype=torch.long)
+        elif two_level and clusters > _FLAT_CLUSTERS:
+            groups = max(2, round(math.sqrt(clusters)))
+            fitted, coarse, group_offsets = _two_level_kmeans(picked, clusters, groups, iterations, generator)
+            nearest = _nearest_grouped(keys, fitted, coarse, group_offsets, _GROUPS_TRIED)
+        else:
+            fitted = _kmeans(picked, clusters, iterations, generator)
+            nearest = _nearest(keys, fitted)
+        fitted_per_head.append(fitted.cpu())
+        nearest_per_head.append(nearest.cpu().numpy())
+    # Two-level fits may leave a head a few clusters short (a group with fewer points than its
+    # share): pad with copies of its last centroid that own no tokens.
+    count = max(len(fitted) for fitted in fitted_per_head)
+    centroids = np.zeros((kv_heads, count, dim), np.float16)
+    order = np.zeros((kv_heads, len(clustered)), np.int32)
+    offsets = np.zeros((kv_heads, count + 1), np.int64)
+    for head, (fitted, nearest) in enumerate(zip(fitted_per_head, nearest_per_head)):
+        centroids[head, : len(fitted)] = fitted.numpy().astype(np.float16)
+        centroids[head, len(fitted):] = centroids[head, len(fitted) - 1]
+        order[head] = clustered[np.argsort(nearest, kind="stable")].astype(np.int32)
+        offsets[head, 1:] = np.cumsum(np.bincount(nearest, minlength=count))
     return ClusterIndex(centroids, order, offsets, starts, num_tokens)
 
 

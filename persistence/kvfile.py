@@ -20,6 +20,7 @@ __all__ = [
     "STORAGE_DTYPES",
     "KVFileWriter",
     "to_storage",
+    "rows_off_gpu",
     "open_kv",
     "kv_file_size",
     "rows_float32",
@@ -51,6 +52,29 @@ def to_storage(array: np.ndarray | torch.Tensor, dtype: str) -> np.ndarray:
     return np.asarray(array, dtype=target)
 
 
+def rows_off_gpu(keys: torch.Tensor, values: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.cuda.Event]:
+    """Keys and values (Hkv, T, D) on a CUDA device as file rows (T, 2, Hkv, D) in the storage
+    element type, copied into pinned host memory without waiting; the event says when they are
+    there. The layout and the conversion are done on the GPU, so a reading loop never waits
+    for its device or holds the GIL for them (rows reach the file via a writer thread)."""
+    _check_dtype(dtype)
+    rows = torch.stack([keys.detach(), values.detach()]).permute(2, 0, 1, 3)
+    rows = rows.to({"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
+    if dtype == "bfloat16":
+        rows = rows.contiguous().view(torch.int16)  # its bits, read back as uint16 (STORAGE_DTYPES)
+    host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+    host.copy_(rows, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
+def host_rows(host: torch.Tensor, dtype: str) -> np.ndarray:
+    """rows_off_gpu's tensor (once its event is done) as the numpy rows the file holds."""
+    array = host.numpy()
+    return array.view(np.uint16) if dtype == "bfloat16" else array
+
+
 def kv_file_size(num_tokens: int, kv_heads: int, head_dim: int, dtype: str) -> int:
     """Exact size in bytes of a `.kv` file."""
     _check_dtype(dtype)
@@ -74,8 +98,14 @@ class KVFileWriter:
     def append(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Append keys and values (Hkv, T, D), already in the storage element type."""
         rows = np.stack([keys, values], axis=0)  # (2, Hkv, T, D)
-        rows = np.ascontiguousarray(rows.transpose(2, 0, 1, 3))  # (T, 2, Hkv, D): row = token
-        data = memoryview(rows).cast("B")
+        self.append_rows(rows.transpose(2, 0, 1, 3))  # (T, 2, Hkv, D): row = token
+
+    def append_rows(self, rows: np.ndarray) -> None:
+        """Append file rows (T, 2, Hkv, D) in the storage element type."""
+        if rows.shape[1:] != (2, self.kv_heads, self.head_dim):
+            raise ValueError(f"rows of shape {rows.shape} do not fit (T, 2, {self.kv_heads}, {self.head_dim}).")
+        rows = np.ascontiguousarray(rows)
+        data = memoryview(rows).cast("B")  # writing and the CRC release the GIL
         self._handle.write(data)
         self._crc = zlib.crc32(data, self._crc)
         self._size += len(data)

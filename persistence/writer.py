@@ -58,7 +58,7 @@ from .files import (
 )
 from .cluster_index import build_cluster_index
 from .hnsw_index import IndexBuilder, IndexParams
-from .kvfile import KVFileWriter, kv_file_size, open_kv, to_storage
+from .kvfile import KVFileWriter, host_rows, kv_file_size, open_kv, rows_off_gpu, to_storage
 from .manifest import Manifest, write_manifest
 from .metadata import FORMAT_VERSION, DocumentRecord, Metadata
 
@@ -184,6 +184,11 @@ class _Lanes:
             lane.cancel()
 
 
+def _two_level(kmeans: str, device: str | None) -> bool:
+    """IndexParams.kmeans for a commit's k-means on this device (None: the CPU)."""
+    return kmeans == "two-level" or (kmeans == "auto" and torch.device(device or "cpu").type == "cpu")
+
+
 def _as_array(name: str, array: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     if not isinstance(array, (np.ndarray, torch.Tensor)):
         raise TypeError(f"append takes {name} as a numpy array or torch tensor, got {type(array).__name__}.")
@@ -250,6 +255,7 @@ class DocumentWriter:
         self._chunks: list[ChunkSpan] = []
         self._state = "open"  # -> "committed" | "aborted"
         self.record: DocumentRecord | None = None
+        self.commit_seconds: dict[str, float] = {}  # set by commit
         self._tmp = layout.new_temp_dir()
         self.doc_id = self._tmp.name  # the directory's name in tmp/ and, once published, in docs/
         self._pending_added = False
@@ -307,15 +313,35 @@ class DocumentWriter:
             self._counts[layer] = 0
         self._window_starts[layer].append(self._counts[layer])
         self._counts[layer] += length
+        file, builders = self._files[layer], self._builders.get(layer, [])
+        if isinstance(keys, torch.Tensor) and keys.is_cuda:
+            self._append_from_gpu(file, builders, layer, keys, values)
+            return
         # Converted here (a private copy: the caller may reuse its tensors), written and indexed
         # by the background thread.
         stored_keys, stored_values = (np.array(to_storage(array, self.dtype)) for array in (keys, values))
-        file, builders = self._files[layer], self._builders.get(layer, [])
-
         # The file goes with the first head's index (a cheap write: lanes balance by indexes).
         self._background.submit((layer, 0), lambda: file.append(stored_keys, stored_values))
         for head, builder in enumerate(builders):
             self._background.submit((layer, head), lambda builder=builder, keys=stored_keys[head]: builder.add(keys))
+
+    def _append_from_gpu(self, file: KVFileWriter, builders: list, layer: int, keys: torch.Tensor,
+                         values: torch.Tensor) -> None:
+        """The same without waiting for the GPU: the rows are laid out on the device and their copy
+        to pinned memory is queued on its stream (after whatever computed them); the background
+        thread waits for it, so the reading loop never stalls on a copy per layer and window."""
+        host, ready = rows_off_gpu(keys, values, self.dtype)
+
+        def write() -> None:
+            ready.synchronize()
+            file.append_rows(host_rows(host, self.dtype))
+
+        self._background.submit((layer, 0), write)
+        for head, builder in enumerate(builders):
+            def insert(builder=builder, head=head) -> None:
+                ready.synchronize()
+                builder.add(np.ascontiguousarray(host_rows(host, self.dtype)[:, 0, head]))
+            self._background.submit((layer, head), insert)
 
     def _check_layer(self, layer: int) -> int:
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or layer < 0:
@@ -362,12 +388,18 @@ class DocumentWriter:
             num_tokens, chunks = self._checked_layout()
             started = time.perf_counter()
             self._background.join()
+            drained = time.perf_counter()
             files = self._finish_kv_files()
             after_step("kv_written")
+            written = time.perf_counter()
             summary = self._save_indexes(files)
             after_step("files_written")
+            indexed = time.perf_counter()
             record = self._make_record(num_tokens, files, summary)
             replaced = self._publish(record, chunks)
+            # Where a commit's time goes (benchmarks/reading_overhead.py prints it).
+            self.commit_seconds = {"queue": drained - started, "kv_files": written - drained,
+                                   "indexes": indexed - written, "publish": time.perf_counter() - indexed}
         except OSError as error:
             self._fail(error)
         except BaseException:
@@ -442,7 +474,8 @@ class DocumentWriter:
             cluster_size = max(params.cluster_size, -(-writer.num_tokens // params.max_clusters))
             index = build_cluster_index(kv, self.dtype, np.asarray(self._window_starts[layer]),
                                         cluster_size=cluster_size, iterations=params.kmeans_iterations,
-                                        sample=params.kmeans_sample, seed=params.seed, device=self._index_device)
+                                        sample=params.kmeans_sample, seed=params.seed, device=self._index_device,
+                                        two_level=_two_level(params.kmeans, self._index_device))
             del kv
             path = self._tmp / clusters_filename(layer)
             index.save(path)

@@ -12,6 +12,7 @@ import torch
 from persistence_helpers import synth
 
 from fot_memory_plugin.persistence import CorruptDocumentError, IndexParams, MemoryStore
+from fot_memory_plugin.persistence import cluster_index
 from fot_memory_plugin.persistence.cluster_index import ClusterSearch, build_cluster_index
 
 CLUSTERS = IndexParams(kind="clusters")
@@ -89,6 +90,32 @@ def test_a_prompt_s_rows_share_a_bounded_candidate_set(cluster_store):
     assert recalls[0.05] <= recalls[0.2] <= recalls[1.0]
 
 
+def test_two_level_k_means_assigns_almost_every_key_to_its_nearest_centroid():
+    """Above _FLAT_CLUSTERS clusters k-means fits and assigns in two levels (coarse groups,
+    then clusters within them): the partition stays whole, nearly every key lands in its
+    nearest centroid's cluster, and probing every cluster is still exact search."""
+    rng = np.random.default_rng(5)
+    tokens, kv_heads, dim = 48_000, 1, 32
+    centres = rng.standard_normal((700, dim)).astype(np.float32) * 4
+    keys = centres[rng.integers(0, 700, tokens)] + rng.standard_normal((tokens, dim)).astype(np.float32)
+    kv = np.stack([keys, keys], axis=1)[:, :, None].astype(np.float16)  # (N, 2, 1, D)
+    starts = np.arange(0, tokens, 512)
+    index = build_cluster_index(kv, "float16", starts, cluster_size=64, iterations=4, sample=16_384, seed=1)
+    assert index.num_clusters > cluster_index._FLAT_CLUSTERS
+    order, offsets = index.order[0], index.offsets[0]
+    assert sorted(order.tolist() + starts.tolist()) == list(range(tokens))
+    stored = torch.from_numpy(kv[:, 0, 0].astype(np.float32))
+    centred = stored[order] - stored[order].mean(0)
+    centroids = torch.from_numpy(index.centroids[0].astype(np.float32))
+    nearest = ((centred @ centroids.T) - 0.5 * (centroids * centroids).sum(1)).argmax(1).numpy()
+    assigned = np.repeat(np.arange(index.num_clusters), np.diff(offsets))
+    assert (nearest == assigned).mean() > 0.95
+    queries = torch.from_numpy(rng.standard_normal((6, dim)).astype(np.float32))
+    scores, ids = index.head(0).search(queries, 50, ClusterSearch(probe=1.0),
+                                       lambda tokens_: stored[torch.from_numpy(tokens_)])
+    assert torch.equal(ids, (queries @ stored.T).topk(50, dim=1).indices)
+
+
 def test_a_k_larger_than_the_probed_clusters_hold_still_fills_every_slot(cluster_store):
     with MemoryStore.open(cluster_store, readonly=True) as store:
         found = store.memory(0, ["b"], exact_below=0, cluster_search=ClusterSearch(probe=0.001)).search(
@@ -136,3 +163,8 @@ def test_a_flipped_byte_in_a_cluster_index_is_found_before_it_is_searched(cluste
 def test_a_bad_index_kind_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="clusters"):
         IndexParams(kind="graph")
+
+
+def test_a_bad_k_means_kind_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="two-level"):
+        IndexParams(kmeans="tree")

@@ -1,0 +1,37 @@
+"""Windows appended as CUDA tensors (the writer copies them off the GPU without waiting) are
+stored byte for byte as the same windows appended from the CPU. Runs where CUDA is; CI has
+none, so this ran on the GPU machine (benchmarks/README.md, "Reading into a store on the GPU")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from persistence_helpers import synth
+
+from fot_memory_plugin.persistence import IndexParams, MemoryStore
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("kind", ["clusters", "hnsw"])
+def test_gpu_windows_are_stored_as_cpu_windows_are(tmp_path, dtype, kind):
+    arrays = {layer: [torch.from_numpy(array) for array in synth.doc_arrays(3, 1800, layer)] for layer in synth.LAYERS}
+    files = {}
+    with MemoryStore.open(tmp_path / "store", fingerprint=synth.fingerprint()) as store:
+        for device in ("cpu", "cuda"):
+            with store.begin_document(device, sha256=f"sha-{device}", text_length=7200, dtype=dtype,
+                                      index_params=IndexParams(kind=kind)) as writer:
+                for start in range(0, 1800, 512):
+                    for layer, (keys, values) in arrays.items():
+                        # A reused buffer, overwritten after each append, as a reading loop's may be.
+                        buffers = [array[:, start : start + 512].clone().to(device) for array in (keys, values)]
+                        writer.append(layer, *buffers)
+                        for buffer in buffers:
+                            buffer.fill_(float("nan"))
+            files[device] = (tmp_path / "store" / "docs" / writer.record.id / "layer0.kv").read_bytes()
+        query = synth.queries(1, 4)
+        found = {device: store.memory(0, [device], exact_below=0).search(query, 16).token_ids
+                 for device in ("cpu", "cuda")}
+    assert files["cuda"] == files["cpu"]
+    assert torch.equal(found["cuda"], found["cpu"])  # and the same index over them
