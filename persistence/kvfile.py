@@ -21,6 +21,7 @@ __all__ = [
     "KVFileWriter",
     "to_storage",
     "rows_off_gpu",
+    "host_rows",
     "open_kv",
     "kv_file_size",
     "rows_float32",
@@ -65,7 +66,7 @@ def rows_off_gpu(keys: torch.Tensor, values: torch.Tensor, dtype: str) -> tuple[
     host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
     host.copy_(rows, non_blocking=True)
     ready = torch.cuda.Event()
-    ready.record()
+    ready.record(torch.cuda.current_stream(rows.device))  # the stream the copy was queued on
     return host, ready
 
 
