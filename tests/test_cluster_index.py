@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from persistence_helpers import synth
+from persistence_helpers.checks import flip_bits
 
 from fot_memory_plugin.persistence import CorruptDocumentError, IndexParams, MemoryStore
 from fot_memory_plugin.persistence import cluster_index
@@ -148,12 +149,7 @@ def test_reindex_switches_between_hnsw_and_clusters_without_changing_exact_answe
 
 def test_a_flipped_byte_in_a_cluster_index_is_found_before_it_is_searched(cluster_store, tmp_path):
     path = shutil.copytree(cluster_store, tmp_path / "store")
-    with MemoryStore.open(path, readonly=True) as store:
-        record = store.document("a")
-    target = path / "docs" / record.id / "layer0.clusters.npz"
-    data = bytearray(target.read_bytes())
-    data[len(data) // 2] ^= 0x40
-    target.write_bytes(bytes(data))
+    flip_bits(path, "a", "layer0.clusters.npz", bits=0x40)
     with MemoryStore.open(path, readonly=True, verify="size") as store:
         with pytest.raises(CorruptDocumentError, match="layer0.clusters.npz"):
             store.memory(0, ["a"], exact_below=0)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from persistence_helpers import synth
-from persistence_helpers.checks import assert_consistent, assert_unchanged, snapshot
+from persistence_helpers.checks import assert_consistent, assert_unchanged, flip_bits, snapshot
 
 from conftest import BOOK, QUESTION
 from fot_memory_plugin import MemoryConfig
@@ -182,13 +182,7 @@ def test_4_a_store_path_that_is_a_file_is_refused(tmp_path, capsys):
 
 
 def _damage(store_path: Path, name: str, file_name: str) -> str:
-    with MemoryStore.open(store_path, readonly=True) as store:
-        doc_id = store.document(name).id
-    path = store_path / "docs" / doc_id / file_name
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-    return doc_id
+    return flip_bits(store_path, name, file_name)[0].id
 
 
 def test_5_a_damaged_document_is_left_out_of_questions_that_do_not_name_it(text_store, tmp_path, capsys):

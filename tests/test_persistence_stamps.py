@@ -11,6 +11,7 @@ import shutil
 import pytest
 import torch
 from persistence_helpers import synth
+from persistence_helpers.checks import flip_bits
 
 import fot_memory_plugin.persistence.store as store_module
 from fot_memory_plugin.persistence import CorruptDocumentError, IndexParams, MemoryStore
@@ -72,12 +73,7 @@ def test_a_byte_flipped_in_place_is_found_before_it_is_searched(written):
 
 
 def test_damage_that_changes_no_stamp_is_found_by_verify_and_by_verify_always(written, monkeypatch):
-    with MemoryStore.open(written, readonly=True) as store:
-        record = store.document("a")
-    target = written / "docs" / record.id / "layer0.kv"
-    data = bytearray(target.read_bytes())
-    data[len(data) // 3] ^= 0x01
-    target.write_bytes(bytes(data))
+    record, target = flip_bits(written, "a", "layer0.kv", divisor=3, bits=0x01)
     recorded = record.files["layer0.kv"]["stamp"]
     # what the disk damaging a sector would look like: the bytes differ, the stamp does not
     monkeypatch.setattr(store_module, "file_stamp", lambda path: recorded if path == target else [0, 0, 0])

@@ -1,4 +1,4 @@
-"""Assertions shared by the persistence tests: a store is consistent and its documents unchanged."""
+"""Shared by the persistence tests: a store is consistent, its documents unchanged, a file damaged."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from fot_memory_plugin.persistence import MemoryStore
+from fot_memory_plugin.persistence.metadata import DocumentRecord
 
 from . import synth
 
@@ -36,3 +37,16 @@ def assert_consistent(path: Path) -> None:
         assert list((path / "tmp").iterdir()) == [], "temp files were left behind"
         assert sorted(p.name for p in (path / "docs").iterdir()) == ids, "a document directory has no row"
         assert store.verify() == {}, store.verify()
+
+
+def flip_bits(store_path: Path, name: str, file_name: str, *, divisor: int = 2,
+              bits: int = 0xFF) -> tuple[DocumentRecord, Path]:
+    """XOR `bits` into byte len // divisor of document `name`'s file (rewritten: a new mtime and
+    ctime); returns the document's record and the file's path."""
+    with MemoryStore.open(store_path, readonly=True) as store:
+        record = store.document(name)
+    path = store_path / "docs" / record.id / file_name
+    data = bytearray(path.read_bytes())
+    data[len(data) // divisor] ^= bits
+    path.write_bytes(bytes(data))
+    return record, path
