@@ -15,7 +15,8 @@ float16 memory as the store keeps):
                         reading, each window also written to a store document (DocumentWriter):
                         .kv writes and hnswlib inserts run on the writer's background thread,
                         then the commit (the rest of the indexes or the cluster indexes, saves,
-                        fsyncs, SQLite)
+                        fsyncs, SQLite), then what read_text keeps for answers
+                        (DocumentMemory.prepare_answers: two probe forwards over the store)
 --recall adds, per token count, one more block-retrieval reading that also runs the exact search
 for every query and reports recall@k and the captured softmax mass (over all keys in memory)
 of block retrieval against it, as the reading goes.
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import math
 import tempfile
 import time
@@ -43,8 +45,8 @@ import _real_keys as rk
 from fot_memory_plugin import MemoryEngine
 from fot_memory_plugin.core.blocks import BlockMemory
 from fot_memory_plugin.core.memory import ExactMemory, Retrieved
-from fot_memory_plugin.documents.document_memory import STORE_DEFAULTS
-from fot_memory_plugin.persistence import IndexParams, MemoryStore
+from fot_memory_plugin.documents.document_memory import STORE_DEFAULTS, DocumentMemory
+from fot_memory_plugin.persistence import IndexParams, MemoryStore, kvfile
 
 READINGS = ("none", "exact", "blocks")
 
@@ -69,6 +71,9 @@ def parse_args() -> argparse.Namespace:
                              "(how the writer took GPU windows before it copied them without waiting)")
     parser.add_argument("--kmeans", nargs="+", choices=("auto", "two-level", "flat"), default=["auto"],
                         help="the cluster indexes' k-means (IndexParams.kmeans), one store variant each")
+    parser.add_argument("--kv-sync-mib", type=int, nargs="+", default=[kvfile.SYNC_EVERY_BYTES >> 20],
+                        help="MiB a .kv file is written between flushes to disk while reading (0: all at "
+                             "the commit's fsync), one store variant each")
     return parser.parse_args()
 
 
@@ -144,10 +149,14 @@ def block_recall(engine: MemoryEngine, ids: torch.Tensor) -> dict[str, float]:
 
 def to_store(engine: MemoryEngine, ids: torch.Tensor, reading: str, fingerprint: dict,
              threads: int = 1, index: str = "hnsw", sync_copies: bool = False,
-             kmeans: str = "auto") -> dict[str, float]:
+             kmeans: str = "auto", kv_sync_mib: int | None = None) -> dict[str, float]:
     """DocumentMemory.read_text's reading path (begin_document, read with on_window, commit);
-    sync_copies: the writer gets each window as CPU tensors copied (and waited for) here."""
+    sync_copies: the writer gets each window as CPU tensors copied (and waited for) here;
+    kv_sync_mib: the .kv files' flush interval (kvfile.SYNC_EVERY_BYTES) for this run."""
     rk.OUT.mkdir(parents=True, exist_ok=True)
+    default_sync = kvfile.SYNC_EVERY_BYTES
+    if kv_sync_mib is not None:
+        kvfile.SYNC_EVERY_BYTES = kv_sync_mib << 20
     with tempfile.TemporaryDirectory(dir=rk.OUT) as directory:
         with MemoryStore.open(directory, fingerprint=fingerprint) as store:
             engine.reset(fresh_memories(engine, reading))
@@ -164,11 +173,25 @@ def to_store(engine: MemoryEngine, ids: torch.Tensor, reading: str, fingerprint:
                         writer.append(layer, keys[0], values[0])  # (Hkv, T, D)
 
                 engine.read(ids, retrieve=reading != "none", on_window=write)
+                tokens = ids.shape[1]  # chunks of ~a sentence, for the sources (chars stand for tokens here)
+                writer.add_chunks((start, min(start + 48, tokens), start, min(start + 48, tokens), "")
+                                  for start in range(0, tokens, 48))
                 read = time.perf_counter()
             finished = time.perf_counter()
             engine.reset()
+            # What read_text does next: keep the baseline probe's shares for answers, searching the
+            # store as an ask does (this engine's "exact" config is for reading from RAM).
+            reading_config = engine.config
+            engine.config = reading_config.replace(retrieval=STORE_DEFAULTS.retrieval)
+            try:
+                DocumentMemory(store, engine).prepare_answers()
+            finally:
+                engine.config = reading_config
+                engine.reset()
+            prepared = time.perf_counter()
+    kvfile.SYNC_EVERY_BYTES = default_sync
     steps = {f"commit {step}": seconds for step, seconds in writer.commit_seconds.items()}
-    return {"total": finished - started, "commit": finished - read, **steps}
+    return {"total": prepared - started, "commit": finished - read, "prepare": prepared - finished, **steps}
 
 
 def _with_cpu_time(run: Callable[[torch.Tensor], dict[str, float]]) -> Callable[[torch.Tensor], dict[str, float]]:
@@ -198,13 +221,16 @@ def main() -> None:
         for index in args.indexes:
             for threads in args.writer_threads:
                 for sync in (False, True) if args.sync_copies else (False,):
-                    for kmeans in args.kmeans if index == "clusters" else ["auto"]:
+                    for kmeans, mib in itertools.product(args.kmeans if index == "clusters" else ["auto"],
+                                                         args.kv_sync_mib):
                         name = (f"store {index}, {reading}"
                                 + ("" if args.writer_threads == [1] else f", {threads} writer threads")
-                                + (", sync copies" if sync else "") + ("" if len(args.kmeans) == 1 else f", {kmeans} k-means"))
+                                + (", sync copies" if sync else "") + ("" if len(args.kmeans) == 1 else f", {kmeans} k-means")
+                                + ("" if len(args.kv_sync_mib) == 1 else
+                                   ", .kv fsync at commit" if mib == 0 else f", .kv flushed every {mib} MiB"))
                         variants.append((name, lambda ids, reading=reading, threads=threads, index=index, sync=sync,
-                                         kmeans=kmeans: to_store(engine, ids, reading, fingerprint, threads, index,
-                                                                 sync, kmeans)))
+                                         kmeans=kmeans, mib=mib: to_store(engine, ids, reading, fingerprint, threads,
+                                                                          index, sync, kmeans, mib)))
     variants = [(name, _with_cpu_time(run)) for name, run in variants]
     results: dict[tuple[int, str], list[dict[str, float]]] = {}
     recalls: dict[int, dict[str, float]] = {}
@@ -220,7 +246,7 @@ def main() -> None:
     print(f"\nSmolLM2-135M float32 on {engine.device}, {torch.get_num_threads()} torch threads, memory in {len(engine.layers)} layers, "
           f"window {config.local_window}, top_k {config.top_k}, {args.book.name}; best of {args.repeats}\n")
     header = ["tokens", "variant", "wall s", "tokens/s", "x plain", "x RAM (same retrieval)", "commit s",
-              "CPU s", "CPU x plain", "CPU x RAM"]
+              "prepare s", "CPU s", "CPU x plain", "CPU x RAM"]
     rows = []
     for tokens in args.tokens:
         best = {name: min(results[tokens, name], key=lambda r: r["total"]) for name, _ in variants}
@@ -231,7 +257,8 @@ def main() -> None:
             rows.append([tokens, name, f"{seconds:.1f}", f"{tokens / seconds:.0f}",
                          f"{seconds / best['plain']['total']:.2f}",
                          "-" if ram is None else f"{seconds / best[ram]['total']:.2f}",
-                         f"{best[name]['commit']:.1f}" if "commit" in best[name] else "-",
+                         f"{best[name]['commit']:.2f}" if "commit" in best[name] else "-",
+                         f"{best[name]['prepare']:.2f}" if "prepare" in best[name] else "-",
                          f"{cpu[name]:.1f}", f"{cpu[name] / cpu['plain']:.2f}",
                          "-" if ram is None else f"{cpu[name] / cpu[ram]:.2f}"])
     print(rk.markdown_table(header, rows))

@@ -8,10 +8,13 @@ and Prejudice read by smollm2-fot: 167,891 tokens, 5 memory layers). A store of 
 made from it through the writer, as a read would make it: the real document (cut to SIZE if
 longer), then copies of its keys and values with gaussian noise of `noise` x each layer's
 per-dimension standard deviation, as further documents, up to SIZE tokens (chunks copied, so
-sources are real passages). Then, in a fresh process each (warm page cache, imports not counted):
-open the store and the model (`DocumentMemory.open`), ask the question once (memory answer
-mode, completion form, 8 new tokens, with sources: its memory() loads, checksums and every
-search), and once more; peak RSS of that process. Stores stay in benchmarks/out/stores/open-*.
+sources are real passages), and what `fot-memory read` keeps for answers after a read
+(`DocumentMemory.prepare_answers`: the baseline probe's chunk shares). Then, in a fresh process
+each (warm page cache, imports not counted): open the store read-only and the model
+(`DocumentMemory.open`), ask the question once (the default answer mode, completion form, 8 new
+tokens, with sources: its memory() loads, checksums and every search), and once more; peak RSS
+of that process. --no-prepare leaves the kept shares out (the first answer computes them).
+Stores stay in benchmarks/out/stores/open-*.
 """
 
 from __future__ import annotations
@@ -62,6 +65,17 @@ def build(source_path: Path, target: Path, size: int, kind: str, noise: float) -
     return time.perf_counter() - started
 
 
+def prepare(path: Path, keep: bool) -> None:
+    """In THIS process: keep the baseline shares in the store as a read does (or drop them)."""
+    from fot_memory_plugin.documents.document_memory import DocumentMemory
+
+    with DocumentMemory.open(path) as memory:
+        memory.store._meta.db.execute("DELETE FROM derived")  # a store kept from an earlier run
+        memory.store._meta.db.conn.commit()
+        if keep:
+            memory.prepare_answers()
+
+
 def measure(path: Path, question: str) -> dict:
     """In THIS process (a fresh one): open, first and second answer, peak RSS."""
     import torch
@@ -95,10 +109,15 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.1)
     parser.add_argument("--question", default="The village of Longbourn was only one mile from")
     parser.add_argument("--rebuild", action="store_true")
+    parser.add_argument("--no-prepare", action="store_true", help="measure without the kept baseline shares")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the fresh child process
+    parser.add_argument("--prepare", type=Path, help=argparse.SUPPRESS)  # the preparing child process
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(args.measure, args.question)))
+        return
+    if args.prepare:
+        prepare(args.prepare, keep=not args.no_prepare)
         return
     if args.source is None:
         parser.error("give the SOURCE_STORE holding one real document")
@@ -109,6 +128,8 @@ def main() -> None:
             built = None
             if args.rebuild or not (target / "memory.sqlite").exists():
                 built = build(args.source, target, size, kind, args.noise)
+            subprocess.run([sys.executable, __file__, "--prepare", str(target)] + ["--no-prepare"] * args.no_prepare,
+                           check=True, capture_output=True)
             output = subprocess.run([sys.executable, __file__, "--measure", str(target), "--question", args.question],
                                     check=True, capture_output=True, text=True).stdout
             result = json.loads(output.splitlines()[-1])

@@ -31,11 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .kvfile import rows_float32
+from .kvfile import rows_tensor
 
 __all__ = ["ClusterSearch", "ClusterIndex", "ClusterHeadIndex", "build_cluster_index"]
 
-_ASSIGN_ROWS = 4096  # keys assigned to centroids per matmul while building
+_ASSIGN_ROWS = 4096  # keys assigned to centroids per matmul while building (on a CPU)
+_GPU_ASSIGN_SCORES = 1 << 26  # on a GPU, key x centroid scores per matmul (256 MiB): fewer launches
 _SCORE_BUDGET = 1 << 24  # query x candidate scores per step of a search (64 MiB)
 # Up to this many clusters k-means scores every centroid for every key; above, it goes in two
 # levels (a 168k-token layer has ~2,600 clusters: the commit's k-means was 12% of the reading).
@@ -93,9 +94,10 @@ def _nearest(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     a fresh (32k x C) result per chunk on the CPU)."""
     half_norms = 0.5 * (centroids * centroids).sum(1)
     nearest = torch.empty(len(points), dtype=torch.long, device=points.device)
-    scores = torch.empty((min(_ASSIGN_ROWS, len(points)), len(centroids)), device=points.device)
-    for start in range(0, len(points), _ASSIGN_ROWS):
-        part = points[start : start + _ASSIGN_ROWS]
+    rows = _ASSIGN_ROWS if points.device.type == "cpu" else max(_ASSIGN_ROWS, _GPU_ASSIGN_SCORES // len(centroids))
+    scores = torch.empty((min(rows, len(points)), len(centroids)), device=points.device)
+    for start in range(0, len(points), rows):
+        part = points[start : start + rows]
         chunk = scores[: len(part)]
         torch.matmul(part, centroids.T, out=chunk)
         nearest[start : start + len(part)] = chunk.sub_(half_norms).argmax(1)
@@ -158,16 +160,22 @@ def build_cluster_index(kv: np.ndarray, dtype: str, starts: np.ndarray, *, clust
     starts = np.unique(np.asarray(starts, np.int64))
     if len(starts) and (starts[0] < 0 or starts[-1] >= num_tokens):
         raise ValueError(f"window starts must lie in [0, {num_tokens}), got {starts[[0, -1]].tolist()}.")
-    clustered = np.setdiff1d(np.arange(num_tokens, dtype=np.int64), starts)
+    is_clustered = np.ones(num_tokens, bool)
+    is_clustered[starts] = False
+    clustered = np.flatnonzero(is_clustered)
     clusters = max(1, min(len(clustered), round(len(clustered) / cluster_size)))
     generator = torch.Generator().manual_seed(seed)
-    fitted_per_head, nearest_per_head = [], []
+    # Every head's keys in one read of the file, converted and sorted where k-means runs: on a
+    # GPU the CPU work around k-means was most of a commit (0.3 s of 0.33 at 64k tokens).
+    stored = rows_tensor(kv[clustered, 0], dtype).to(device)  # (n, Hkv, D) in the stored type
+    tokens = torch.from_numpy(clustered).to(device)
+    fitted_per_head, order_per_head, sizes_per_head = [], [], []
     for head in range(kv_heads):
-        keys = rows_float32(kv[clustered, 0, head], dtype).to(device)  # (n, D)
+        keys = stored[:, head].float()  # (n, D), a copy
         keys -= keys.mean(0) if len(keys) else 0.0
         picked = keys[torch.randperm(len(keys), generator=generator)[:sample].to(device)]
         if not len(keys):
-            fitted, nearest = torch.zeros(1, dim, device=device), torch.zeros(0, dtype=torch.long)
+            fitted, nearest = torch.zeros(1, dim, device=device), torch.zeros(0, dtype=torch.long, device=device)
         elif two_level and clusters > _FLAT_CLUSTERS:
             groups = max(2, round(math.sqrt(clusters)))
             fitted, coarse, group_offsets = _two_level_kmeans(picked, clusters, groups, iterations, generator)
@@ -175,19 +183,22 @@ def build_cluster_index(kv: np.ndarray, dtype: str, starts: np.ndarray, *, clust
         else:
             fitted = _kmeans(picked, clusters, iterations, generator)
             nearest = _nearest(keys, fitted)
+        del keys, picked
         fitted_per_head.append(fitted.cpu())
-        nearest_per_head.append(nearest.cpu().numpy())
+        order_per_head.append(tokens[torch.sort(nearest, stable=True).indices].cpu().numpy())
+        sizes_per_head.append(torch.bincount(nearest, minlength=len(fitted)).cpu().numpy())
     # Two-level fits may leave a head a few clusters short (a group with fewer points than its
     # share): pad with copies of its last centroid that own no tokens.
     count = max(len(fitted) for fitted in fitted_per_head)
     centroids = np.zeros((kv_heads, count, dim), np.float16)
     order = np.zeros((kv_heads, len(clustered)), np.int32)
     offsets = np.zeros((kv_heads, count + 1), np.int64)
-    for head, (fitted, nearest) in enumerate(zip(fitted_per_head, nearest_per_head)):
+    for head, (fitted, tokens_by_cluster, sizes) in enumerate(zip(fitted_per_head, order_per_head, sizes_per_head)):
         centroids[head, : len(fitted)] = fitted.numpy().astype(np.float16)
         centroids[head, len(fitted):] = centroids[head, len(fitted) - 1]
-        order[head] = clustered[np.argsort(nearest, kind="stable")].astype(np.int32)
-        offsets[head, 1:] = np.cumsum(np.bincount(nearest, minlength=count))
+        order[head] = tokens_by_cluster
+        offsets[head, 1 : len(sizes) + 1] = np.cumsum(sizes)
+        offsets[head, len(sizes) + 1 :] = offsets[head, len(sizes)]
     return ClusterIndex(centroids, order, offsets, starts, num_tokens)
 
 

@@ -8,6 +8,10 @@ Tables:
   pending(doc_id, action) document directories a writer is publishing ('write') or removing
                           ('delete'): the only directories a clean-up may remove, because
                           the database says they are the store's own
+  derived(key, value)     what answering computes from the documents alone (the baseline
+                          probe's chunk shares), kept so a new process need not recompute it;
+                          each value with its CRC-32; emptied whenever a document is added or
+                          removed (keys name the documents they were computed from anyway)
 The database runs in WAL mode, so readers in other processes read beside the writer. Every
 SQLite failure surfaces as a named store error (faults.py), never a raw sqlite3 exception.
 """
@@ -23,6 +27,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
+
+import zlib
 
 import numpy as np
 import sqlite_utils
@@ -75,6 +81,8 @@ CREATE TABLE IF NOT EXISTS chunks (
     PRIMARY KEY (doc_id, idx)
 );
 CREATE TABLE IF NOT EXISTS pending (doc_id TEXT PRIMARY KEY, action TEXT NOT NULL, since TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS derived (key TEXT PRIMARY KEY, value BLOB NOT NULL, crc32 TEXT NOT NULL,
+                                    created TEXT NOT NULL);
 """
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
@@ -288,6 +296,7 @@ class Metadata:
                 self.db.execute("DELETE FROM documents WHERE id = ?", [old])
                 self._set_pending(old, "delete")
             self.db.execute("DELETE FROM pending WHERE doc_id = ?", [record.id])
+            self._forget_derived()
             self.db.table("documents").insert(record.to_row())
             self.db.table("chunks").insert_all(
                 ({"doc_id": record.id, "idx": i, "start_token": c[0], "end_token": c[1],
@@ -301,6 +310,29 @@ class Metadata:
         with self.db.atomic():
             self.db.execute("DELETE FROM documents WHERE id = ?", [doc_id])
             self._set_pending(doc_id, "delete")
+            self._forget_derived()
+
+    # -- derived: answer-time data computed from the documents -----------------------------------
+
+    def _forget_derived(self) -> None:
+        if "derived" in self.db.table_names():  # a store from before the table was added
+            self.db.execute("DELETE FROM derived")
+
+    @_sqlite_faults
+    def get_derived(self, key: str) -> bytes | None:
+        """The value kept under `key`; None if there is none, or if it no longer matches its CRC-32."""
+        if "derived" not in self.db.table_names():
+            return None
+        row = self.db.execute("SELECT value, crc32 FROM derived WHERE key = ?", [key]).fetchone()
+        if row is None or f"{zlib.crc32(row[0]):08x}" != row[1]:
+            return None
+        return bytes(row[0])
+
+    @_sqlite_faults
+    def put_derived(self, key: str, value: bytes) -> None:
+        with self.db.atomic():
+            self.db.execute("INSERT OR REPLACE INTO derived (key, value, crc32, created) VALUES (?, ?, ?, ?)",
+                            [key, value, f"{zlib.crc32(value):08x}", _now()])
 
     # -- pending: directories the store is publishing or removing ------------------------------
 
@@ -343,7 +375,7 @@ class Metadata:
 
     def chunks(self, doc_id: str, indices: Sequence[int] | None = None) -> Iterator[Chunk]:
         """A document's chunks in order; only those with the given chunk indices if any."""
-        sql = "SELECT * FROM chunks WHERE doc_id = ?"
+        sql = "SELECT doc_id, idx, start_token, end_token, start_char, end_char, text FROM chunks WHERE doc_id = ?"
         params: list[Any] = [doc_id]
         if indices is not None:
             wanted = sorted(set(int(i) for i in indices))
@@ -352,7 +384,6 @@ class Metadata:
             sql += f" AND idx IN ({', '.join('?' * len(wanted))})"
             params += wanted
         with translated(self.path.parent, "use the database of"):
-            rows = self.db.execute_returning_dicts(sql + " ORDER BY idx", params)
+            rows = self.db.execute(sql + " ORDER BY idx", params).fetchall()  # tuples: 4x faster than dicts
         for row in rows:
-            yield Chunk(row["doc_id"], row["idx"], row["start_token"], row["end_token"],
-                        row["start_char"], row["end_char"], row["text"])
+            yield Chunk(*row)

@@ -534,6 +534,22 @@ class MemoryStore:
 
     # ---- integrity -----------------------------------------------------------------------
 
+    def derived(self, key: str) -> bytes | None:
+        """What `keep_derived` kept under `key` (None if nothing, or if it fails its CRC-32);
+        cleared whenever a document is added or removed."""
+        return self._meta.get_derived(key)
+
+    def keep_derived(self, key: str, value: bytes, *, lock_timeout: float | None = None) -> None:
+        """Keep `value`, computed from the documents alone, for later processes (DocumentMemory
+        keeps the baseline probe's chunk shares). Under the writer lock (waiting at most
+        lock_timeout, default the store's, then StoreLockedError), one short transaction."""
+        self._require_writable("keep derived data in")
+        lock = self._acquire_lock(self.lock_timeout if lock_timeout is None else lock_timeout)
+        try:
+            self._meta.put_derived(key, value)
+        finally:
+            lock.release()
+
     def verify(self, id_or_name: str | None = None, *, checksum: bool = True, progress: bool = False) -> dict[str, str]:
         """Check every file of one or all documents, indexes and manifest included: sizes, and
         with checksum=True their CRC-32 (read again, not trusted from an earlier check).

@@ -158,3 +158,44 @@ def test_cli_lists_describes_and_forgets(store_dir):
     assert [doc["id"] for doc in docs] == [reindexed[0]["id"]]
     assert _cli("forget", docs[0]["id"], "--store", str(store_dir)).returncode == 0
     assert json.loads(_cli("docs", "--store", str(store_dir), "--json").stdout)["documents"] == []
+
+
+def test_a_read_keeps_the_baseline_so_a_read_only_process_answers_the_same_without_the_probe(store_dir, document):
+    """read_text keeps the baseline probe's chunk shares in the store; a read-only process asks
+    without running the probe and gets the answer and sources it gets when it computes them."""
+    question = "Mr. Bennet replied that"
+
+    def ask(memory):
+        answer = memory.ask(question, chat=False, max_new_tokens=6)
+        return answer.text, [(source.start_char, source.end_char, source.weight) for source in answer.sources]
+
+    with DocumentMemory.open(store_dir) as memory:  # the store's recorded config, as `fot-memory read` has it
+        memory.read_text(BOOK.read_text(encoding="utf-8")[1500:3000], name="chapter1, later")
+    probes = []
+    with DocumentMemory.open(store_dir, readonly=True) as memory:
+        real_attending = memory._attending
+        memory._attending = lambda records, exact=False, **kw: (probes.append(exact), real_attending(records, exact, **kw))[1]
+        kept = ask(memory)
+        assert len(probes) == 1, "the question's forward only: the baseline came from the store"
+        memory._baselines.clear()
+        keys = {key: memory.store.derived(key) for key in [memory._baseline_key(
+            (tuple(r.id for r in memory.documents()), False, False, memory.voting_heads and
+             tuple(sorted(memory.voting_heads.heads.items()))))]}
+        assert all(value is not None for value in keys.values())
+    with DocumentMemory.open(store_dir) as memory:  # writable: computes its own (no kept value), same answer
+        memory.store._meta.db.execute("DELETE FROM derived")
+        memory.store._meta.db.conn.commit()
+        assert ask(memory) == kept
+        assert all(memory.store.derived(key) is not None for key in keys)  # and keeps it again
+        memory.store._meta.db.execute("UPDATE derived SET value = CAST('damaged' AS BLOB)")
+        memory.store._meta.db.conn.commit()
+        assert all(memory.store.derived(key) is None for key in keys)  # a value failing its CRC is not used
+        memory._baselines.clear()
+        assert ask(memory) == kept
+    with DocumentMemory.open(store_dir) as memory:
+        memory.store._meta.db.execute("DELETE FROM derived")
+        memory.store._meta.db.conn.commit()
+        ask(memory)
+        assert all(memory.store.derived(key) is not None for key in keys)
+        memory.forget("chapter1.txt")
+        assert all(memory.store.derived(key) is None for key in keys)  # the set of documents changed

@@ -1,6 +1,8 @@
 """Windows appended as CUDA tensors (the writer copies them off the GPU without waiting) are
-stored byte for byte as the same windows appended from the CPU. Runs where CUDA is; CI has
-none, so this ran on the GPU machine (benchmarks/README.md, "Reading into a store on the GPU")."""
+stored byte for byte as the same windows appended from the CPU, and cluster indexes built on the
+GPU (a GPU read's commit) partition the tokens and are exact when every cluster is probed. Runs
+where CUDA is; CI has none, so this ran on the GPU machine (benchmarks/README.md, "Reading into
+a store on the GPU")."""
 
 from __future__ import annotations
 
@@ -8,7 +10,10 @@ import pytest
 import torch
 from persistence_helpers import synth
 
+import numpy as np
+
 from fot_memory_plugin.persistence import IndexParams, MemoryStore
+from fot_memory_plugin.persistence.cluster_index import ClusterSearch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -35,3 +40,21 @@ def test_gpu_windows_are_stored_as_cpu_windows_are(tmp_path, dtype, kind):
                  for device in ("cpu", "cuda")}
     assert files["cuda"] == files["cpu"]
     assert torch.equal(found["cuda"], found["cpu"])  # and the same index over them
+
+
+@pytest.mark.parametrize("kmeans", ["flat", "two-level"])
+def test_cluster_indexes_built_on_the_gpu_partition_the_tokens_and_search_exactly(tmp_path, kmeans):
+    tokens = 40_000  # 620 clusters: above the two-level threshold
+    with MemoryStore.open(tmp_path / "store", fingerprint=synth.fingerprint()) as store:
+        record = synth.write_document(store, "a", 5, tokens, index_params=IndexParams(kind="clusters", kmeans=kmeans),
+                                      index_device="cuda")
+        for layer in synth.LAYERS:
+            with np.load(tmp_path / "store" / "docs" / record.id / f"layer{layer}.clusters.npz") as data:
+                order, offsets, starts = data["order"], data["offsets"], data["starts"]
+            for head in range(synth.KV_HEADS):  # every token exactly once: in one cluster or a window start
+                assert np.array_equal(np.sort(np.concatenate([order[head], starts])), np.arange(tokens))
+                assert offsets[head, 0] == 0 and offsets[head, -1] == len(order[head]) and (np.diff(offsets[head]) >= 0).all()
+            query = synth.queries(3, 8, layer)
+            exact = store.memory(layer, exact=True).search(query, 64)
+            every = store.memory(layer, exact_below=0, cluster_search=ClusterSearch(probe=1.0, shared=1.0)).search(query, 64)
+            assert torch.equal(every.token_ids, exact.token_ids)

@@ -237,3 +237,26 @@ def test_several_writer_threads_store_what_one_stores(tmp_path):
     with pytest.raises(ValueError, match="threads must be an int >= 1"):
         with MemoryStore.open(tmp_path / "0", fingerprint=synth.fingerprint()) as store:
             store.begin_document("x", sha256="x", text_length=1, threads=0)
+
+
+def test_kv_files_flushed_while_written_hold_the_same_bytes(tmp_path, monkeypatch):
+    """A .kv file flushed to disk every few bytes as windows arrive (kvfile.SYNC_EVERY_BYTES) is
+    the file written in one go and fsynced at commit; the flushes happen."""
+    from fot_memory_plugin.persistence import kvfile
+
+    flushes = []
+    real_fdatasync = kvfile.os.fdatasync
+    monkeypatch.setattr(kvfile.os, "fdatasync", lambda fd: (flushes.append(fd), real_fdatasync(fd)))
+    records = {}
+    for every in (0, 4096):
+        monkeypatch.setattr(kvfile, "SYNC_EVERY_BYTES", every)
+        with MemoryStore.open(tmp_path / str(every), fingerprint=synth.fingerprint()) as store:
+            records[every] = synth.write_document(store, "a", 1, 3000)
+        if every == 0:
+            assert flushes == []
+    assert {name: file["crc32"] for name, file in records[0].files.items() if name.endswith(".kv")} == {
+        name: file["crc32"] for name, file in records[4096].files.items() if name.endswith(".kv")}
+    windows = -(-3000 // 512)
+    assert len(flushes) == windows * len(records[4096].layers)  # each window is more than 4096 bytes
+    with pytest.raises(ValueError, match="sync_every is a byte count"):
+        kvfile.KVFileWriter(tmp_path / "x.kv", 1, 4, "float16", sync_every=-1)

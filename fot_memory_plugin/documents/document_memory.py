@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -42,7 +44,7 @@ from .passages import (
 )
 from .voting_heads import VotingHeads
 from ..persistence import Chunk, DocumentRecord, IndexParams, MemoryStore, StoreNotFoundError, num_threads
-from ..persistence.errors import IncompatibleStoreError
+from ..persistence.errors import IncompatibleStoreError, StoreError
 from ..persistence.metadata import fingerprint_differences, normalise_fingerprint
 from ..persistence.files import validate_name
 from ..persistence.writer import estimate_document_bytes
@@ -51,6 +53,9 @@ __all__ = ["DocumentMemory", "Answer", "Source", "LeftOut", "default_store_dir",
            "DOCUMENT_MODEL"]
 
 logger = logging.getLogger(__name__)
+
+# Bump when what a baseline's shares are computed from changes (kept baselines are then recomputed).
+_BASELINE_VERSION = 1
 
 STORE_ENV = "FOT_MEMORY_STORE"  # overrides default_store_dir()
 # The model a new store reads with unless told: the FoT-tuned delta. On long-document QA over
@@ -297,6 +302,10 @@ class DocumentMemory:
                 self.engine.read(ids, retrieve=retrieve, progress=progress, on_window=to_store)
             finally:
                 self.engine.reset()
+        try:
+            self.prepare_answers()
+        except StoreError as error:  # the document is stored; a later ask computes what is missing
+            logger.warning("stored %r, but could not prepare answers over the store: %s", name, error)
         return writer.record, True
 
     def _tokenize(self, text: str) -> list[int]:
@@ -434,17 +443,63 @@ class DocumentMemory:
         return rank_chunks(shares, baseline, self._chunks_of, ranking)
 
     def _baseline(self, records: list[DocumentRecord], chat: bool, exact: bool) -> dict[str, np.ndarray]:
-        """Chunk shares under BASELINE_PROBE over these documents (computed once per process)."""
+        """Chunk shares under BASELINE_PROBE over these documents: computed once per store and
+        set of documents (a forward pass over all of them: ~1 s at 1M tokens on 2 cores), kept in
+        the store where it is writable (`prepare_answers` after each read), else in this process."""
         voting = None if self.voting_heads is None else tuple(sorted(self.voting_heads.heads.items()))
         key = (tuple(record.id for record in records), chat, exact, voting)
         if key not in self._baselines:
-            probe = self._prompt(BASELINE_PROBE, chat)
-            with self._attending(records, exact) as (memories, attention), torch.no_grad():
-                self.engine.model(input_ids=probe, attention_mask=torch.ones_like(probe), use_cache=False)
-            memory = next(iter(memories.values()))
-            self._baselines[key] = chunk_shares(attention, memory.doc_ids, memory.offsets,
-                                                self.engine.config.local_window, self._chunks_of)
+            stored_key = self._baseline_key(key)
+            shares = self._stored_baseline(stored_key, records)
+            if shares is None:
+                probe = self._prompt(BASELINE_PROBE, chat)
+                with self._attending(records, exact) as (memories, attention), torch.no_grad():
+                    self.engine.model(input_ids=probe, attention_mask=torch.ones_like(probe), use_cache=False)
+                memory = next(iter(memories.values()))
+                shares = chunk_shares(attention, memory.doc_ids, memory.offsets, self.engine.config.local_window,
+                                      self._chunks_of)
+                self._keep_baseline(stored_key, shares)
+            self._baselines[key] = shares
         return self._baselines[key]
+
+    def _baseline_key(self, key: tuple) -> str:
+        """The store's key for a baseline: everything its shares depend on besides the documents'
+        contents (which their ids fix)."""
+        described = {"what": "baseline chunk shares", "version": _BASELINE_VERSION, "docs": key[0], "chat": key[1],
+                     "exact": key[2], "voting": key[3], "probe": BASELINE_PROBE, "config": self.engine.config.to_dict()}
+        return "baseline:" + hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _stored_baseline(self, stored_key: str, records: list[DocumentRecord]) -> dict[str, np.ndarray] | None:
+        value = self.store.derived(stored_key) if isinstance(self.store, MemoryStore) else None
+        if value is None:
+            return None
+        with np.load(io.BytesIO(value), allow_pickle=False) as data:
+            shares = {name: data[name] for name in data.files}
+        if sorted(shares) != sorted(record.id for record in records) or any(
+                len(shares[record.id]) != len(self._chunks_of(record.id)[0]) for record in records):
+            logger.warning("ignoring a kept baseline that does not fit the documents' chunks: recomputing it")
+            return None
+        return shares
+
+    def _keep_baseline(self, stored_key: str, shares: dict[str, np.ndarray]) -> None:
+        """Keep computed shares in the store, if this process may write and no writer is busy."""
+        if not isinstance(self.store, MemoryStore) or self.store.readonly:
+            return
+        buffer = io.BytesIO()
+        np.savez(buffer, **shares)
+        try:
+            self.store.keep_derived(stored_key, buffer.getvalue(), lock_timeout=0)
+        except StoreError as error:  # a busy writer or a full disk: the answer does not need it kept
+            logger.debug("baseline shares not kept in the store: %s", error)
+
+    def prepare_answers(self) -> None:
+        """Compute and keep in the store what the first answer over all its documents needs
+        besides the question (the baseline probe's chunk shares, for chat and completion
+        prompts), so that a new process, even a read-only one, answers without computing it.
+        `read_text` calls it after each document it reads."""
+        records, _ = self._usable(self.store.documents(), named=False)
+        for chat in (True, False):
+            self._baseline(records, chat, exact=False)
 
     def _reread_prompt(self, question: str, ranked: list[ScoredChunk], chat: bool,
                        max_new_tokens: int) -> tuple[list[Passage], torch.Tensor]:
