@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -160,42 +161,36 @@ def test_cli_lists_describes_and_forgets(store_dir):
     assert json.loads(_cli("docs", "--store", str(store_dir), "--json").stdout)["documents"] == []
 
 
-def test_a_read_keeps_the_baseline_so_a_read_only_process_answers_the_same_without_the_probe(store_dir, document):
-    """read_text keeps the baseline probe's chunk shares in the store; a read-only process asks
-    without running the probe and gets the answer and sources it gets when it computes them."""
+def _kept(store_dir: Path, sql: str = "SELECT count(*) FROM derived") -> int:
+    """Run SQL on the store's database as another process would (returns the first value)."""
+    with sqlite3.connect(store_dir / "memory.sqlite") as db:
+        row = db.execute(sql).fetchone()
+    return row[0] if row else 0
+
+
+def test_a_read_keeps_the_baseline_so_a_read_only_process_answers_the_same_without_the_probe(store_dir):
+    """read_text keeps the baseline probe's chunk shares (chat and completion form) in the store;
+    a read-only process answers without running the probe, as it answers computing them; a kept
+    value failing its CRC is recomputed; adding or forgetting a document drops what was kept."""
     question = "Mr. Bennet replied that"
 
     def ask(memory):
         answer = memory.ask(question, chat=False, max_new_tokens=6)
         return answer.text, [(source.start_char, source.end_char, source.weight) for source in answer.sources]
 
-    with DocumentMemory.open(store_dir) as memory:  # the store's recorded config, as `fot-memory read` has it
+    with DocumentMemory.open(store_dir) as memory:  # the store's recorded config, as `fot-memory read` opens it
         memory.read_text(BOOK.read_text(encoding="utf-8")[1500:3000], name="chapter1, later")
-    probes = []
+    assert _kept(store_dir) == 2
+    passes = []
     with DocumentMemory.open(store_dir, readonly=True) as memory:
-        real_attending = memory._attending
-        memory._attending = lambda records, exact=False, **kw: (probes.append(exact), real_attending(records, exact, **kw))[1]
+        attending = memory._attending
+        memory._attending = lambda *args, **kwargs: (passes.append(args), attending(*args, **kwargs))[1]
         kept = ask(memory)
-        assert len(probes) == 1, "the question's forward only: the baseline came from the store"
-        memory._baselines.clear()
-        keys = {key: memory.store.derived(key) for key in [memory._baseline_key(
-            (tuple(r.id for r in memory.documents()), False, False, memory.voting_heads and
-             tuple(sorted(memory.voting_heads.heads.items()))))]}
-        assert all(value is not None for value in keys.values())
-    with DocumentMemory.open(store_dir) as memory:  # writable: computes its own (no kept value), same answer
-        memory.store._meta.db.execute("DELETE FROM derived")
-        memory.store._meta.db.conn.commit()
-        assert ask(memory) == kept
-        assert all(memory.store.derived(key) is not None for key in keys)  # and keeps it again
-        memory.store._meta.db.execute("UPDATE derived SET value = CAST('damaged' AS BLOB)")
-        memory.store._meta.db.conn.commit()
-        assert all(memory.store.derived(key) is None for key in keys)  # a value failing its CRC is not used
-        memory._baselines.clear()
-        assert ask(memory) == kept
+    assert len(passes) == 1, "only the question's pass: the baseline came from the store"
+    _kept(store_dir, "UPDATE derived SET value = CAST('damaged' AS BLOB)")
     with DocumentMemory.open(store_dir) as memory:
-        memory.store._meta.db.execute("DELETE FROM derived")
-        memory.store._meta.db.conn.commit()
-        ask(memory)
-        assert all(memory.store.derived(key) is not None for key in keys)
+        assert ask(memory) == kept  # computed again, and kept again
+    assert _kept(store_dir, "SELECT count(*) FROM derived WHERE value != CAST('damaged' AS BLOB)") == 1
+    with DocumentMemory.open(store_dir) as memory:
         memory.forget("chapter1.txt")
-        assert all(memory.store.derived(key) is None for key in keys)  # the set of documents changed
+    assert _kept(store_dir) == 0

@@ -150,9 +150,10 @@ def _read(args: argparse.Namespace) -> int:
         load_text(path)
     stored = []
     with _open_documents(args) as memory:  # the store (and its writer lock) before the model
-        for path in args.paths:
+        for number, path in enumerate(args.paths, 1):
             record, fresh = memory.read_file(path, name=args.name, force=args.force, progress=not args.json,
-                                             retrieve=args.retrieval, index=args.index)
+                                             retrieve=args.retrieval, index=args.index,
+                                             prepare=number == len(args.paths))  # once, after the last
             stored.append(_record_dict(record) | {"read_now": fresh})
             if not args.json:
                 verb = "read" if fresh else "already stored (use --force to read again)"

@@ -256,6 +256,7 @@ class DocumentMemory:
         retrieve: bool | None = None,
         on_window: Callable[[int, int], None] | None = None,
         index: str | None = None,
+        prepare: bool = True,
     ) -> tuple[DocumentRecord, bool]:
         """Read text into the store; returns (record, whether it was read now).
 
@@ -265,6 +266,8 @@ class DocumentMemory:
         plain model, and how FoT training computes memory keys; a zero-shot model loses the
         passkey that way. None: `self.read_with_retrieval` (False for a FoT-tuned model). on_window(end_token, num_tokens) is called after each window is stored.
         index: how the document's keys are indexed, "clusters" or "hnsw" (default DEFAULT_INDEX).
+        prepare: then `prepare_answers` over the store (two probe passes; a batch of reads passes
+        False to all but its last).
         """
         name = validate_name(name)
         index_params = IndexParams(kind=index or DEFAULT_INDEX)  # bad input fails before any reading
@@ -303,7 +306,8 @@ class DocumentMemory:
             finally:
                 self.engine.reset()
         try:
-            self.prepare_answers()
+            if prepare:
+                self.prepare_answers()
         except StoreError as error:  # the document is stored; a later ask computes what is missing
             logger.warning("stored %r, but could not prepare answers over the store: %s", name, error)
         return writer.record, True
@@ -496,7 +500,10 @@ class DocumentMemory:
         """Compute and keep in the store what the first answer over all its documents needs
         besides the question (the baseline probe's chunk shares, for chat and completion
         prompts), so that a new process, even a read-only one, answers without computing it.
-        `read_text` calls it after each document it reads."""
+        `read_text` calls it after each document it reads. Nothing to do where nothing can be kept
+        (a read-only store, or one sharded over Ray actors: the first answer computes it)."""
+        if not isinstance(self.store, MemoryStore) or self.store.readonly:
+            return
         records, _ = self._usable(self.store.documents(), named=False)
         for chat in (True, False):
             self._baseline(records, chat, exact=False)

@@ -141,14 +141,18 @@ class FoTMemoryIndex:
         id is already stored under its name with other text replaces that version.
         """
         named = Counter(_base_name(document) for document in documents)
-        return [
+        records = [
             self.insert(document, name=_base_name(document) if named[_base_name(document)] == 1 else None,
-                        show_progress=show_progress)
+                        show_progress=show_progress, prepare=False)
             for document in documents
         ]
+        if records:
+            self.memory.prepare_answers()  # once for the batch (DocumentMemory.read_text's prepare)
+        return records
 
     def insert(
-        self, document: Document, *, name: str | None = None, show_progress: bool | None = None
+        self, document: Document, *, name: str | None = None, show_progress: bool | None = None,
+        prepare: bool = True,
     ) -> DocumentRecord:
         """Read one llama-index Document into memory (skipped if its text is stored already).
 
@@ -169,7 +173,7 @@ class FoTMemoryIndex:
         metadata = {METADATA_KEY: {"ref_doc_id": document.id_, "metadata": _jsonable(document.metadata)}}
         record, fresh = self.memory.read_text(
             document.text, name=name, metadata=metadata, force=replace, progress=show_progress,
-            source_path=document.metadata.get("file_path"),
+            source_path=document.metadata.get("file_path"), prepare=prepare,
         )
         logger.info("%s %s (%d tokens)", "read" if fresh else "already stored:", record.name, record.num_tokens)
         return record
