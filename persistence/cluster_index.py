@@ -262,16 +262,25 @@ class ClusterHeadIndex:
         candidates = self._members(self._shared_clusters(queries, k, search))
         if self._start_keys is None and len(self._starts):
             self._start_keys = keys_at(self._starts)
-        keys, ids = keys_at(candidates), torch.from_numpy(candidates)
+        # Candidates and window starts are ranked apart and their top-k merged: appending the
+        # start keys to the candidates' copied every candidate key on every search.
+        sets = [(keys_at(candidates), torch.from_numpy(candidates))]
         if self._start_keys is not None:
-            keys, ids = torch.cat([keys, self._start_keys]), torch.cat([ids, torch.from_numpy(self._starts)])
-        found = min(k, len(ids))
-        step = max(1, _SCORE_BUDGET // max(1, len(ids)))
+            sets.append((self._start_keys, torch.from_numpy(self._starts)))
+        sets = [(keys, ids) for keys, ids in sets if len(ids)]
+        found = min(k, sum(len(ids) for _, ids in sets))
+        step = max(1, _SCORE_BUDGET // max(1, sum(len(ids) for _, ids in sets)))
         all_scores, all_ids = [], []
         for begin in range(0, queries.shape[0], step):  # rows in chunks bound the (rows, candidates) scores
-            top, order = (queries[begin : begin + step] @ keys.T).topk(found, dim=1)
-            all_scores.append(top)
-            all_ids.append(ids[order])
+            rows = queries[begin : begin + step]
+            tops = [(rows @ keys.T).topk(min(found, len(ids)), dim=1) for keys, ids in sets]
+            scores = torch.cat([top.values for top in tops], dim=1)
+            ids = torch.cat([set_ids[top.indices] for top, (_, set_ids) in zip(tops, sets)], dim=1)
+            if len(tops) > 1:
+                scores, order = scores.topk(found, dim=1)
+                ids = ids.gather(1, order)
+            all_scores.append(scores)
+            all_ids.append(ids)
         return torch.cat(all_scores), torch.cat(all_ids)
 
     def _shared_clusters(self, queries: torch.Tensor, k: int, search: ClusterSearch) -> np.ndarray:
