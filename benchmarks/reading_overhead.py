@@ -157,39 +157,41 @@ def to_store(engine: MemoryEngine, ids: torch.Tensor, reading: str, fingerprint:
     default_sync = kvfile.SYNC_EVERY_BYTES
     if kv_sync_mib is not None:
         kvfile.SYNC_EVERY_BYTES = kv_sync_mib << 20
-    with tempfile.TemporaryDirectory(dir=rk.OUT) as directory:
-        with MemoryStore.open(directory, fingerprint=fingerprint) as store:
-            engine.reset(fresh_memories(engine, reading))
-            started = time.perf_counter()
-            digest = hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()
-            with store.begin_document("book", sha256=digest, text_length=ids.shape[1], dtype="float16",
-                                      threads=threads, index_params=IndexParams(kind=index, kmeans=kmeans),
-                                      index_device=None if engine.device.type == "cpu" else str(engine.device)) as writer:
+    try:
+        with tempfile.TemporaryDirectory(dir=rk.OUT) as directory:
+            with MemoryStore.open(directory, fingerprint=fingerprint) as store:
+                engine.reset(fresh_memories(engine, reading))
+                started = time.perf_counter()
+                digest = hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()
+                with store.begin_document("book", sha256=digest, text_length=ids.shape[1], dtype="float16",
+                                          threads=threads, index_params=IndexParams(kind=index, kmeans=kmeans),
+                                          index_device=None if engine.device.type == "cpu" else str(engine.device)) as writer:
 
-                def write(start: int, end: int, captured: rk.Window) -> None:
-                    for layer, (keys, values) in captured.items():
-                        if sync_copies:
-                            keys, values = keys.cpu(), values.cpu()
-                        writer.append(layer, keys[0], values[0])  # (Hkv, T, D)
+                    def write(start: int, end: int, captured: rk.Window) -> None:
+                        for layer, (keys, values) in captured.items():
+                            if sync_copies:
+                                keys, values = keys.cpu(), values.cpu()
+                            writer.append(layer, keys[0], values[0])  # (Hkv, T, D)
 
-                engine.read(ids, retrieve=reading != "none", on_window=write)
-                tokens = ids.shape[1]  # chunks of ~a sentence, for the sources (chars stand for tokens here)
-                writer.add_chunks((start, min(start + 48, tokens), start, min(start + 48, tokens), "")
-                                  for start in range(0, tokens, 48))
-                read = time.perf_counter()
-            finished = time.perf_counter()
-            engine.reset()
-            # What read_text does next: keep the baseline probe's shares for answers, searching the
-            # store as an ask does (this engine's "exact" config is for reading from RAM).
-            reading_config = engine.config
-            engine.config = reading_config.replace(retrieval=STORE_DEFAULTS.retrieval)
-            try:
-                DocumentMemory(store, engine).prepare_answers()
-            finally:
-                engine.config = reading_config
+                    engine.read(ids, retrieve=reading != "none", on_window=write)
+                    tokens = ids.shape[1]  # chunks of ~a sentence, for the sources (chars stand for tokens here)
+                    writer.add_chunks((start, min(start + 48, tokens), start, min(start + 48, tokens), "")
+                                      for start in range(0, tokens, 48))
+                    read = time.perf_counter()
+                finished = time.perf_counter()
                 engine.reset()
-            prepared = time.perf_counter()
-    kvfile.SYNC_EVERY_BYTES = default_sync
+                # What read_text does next: keep the baseline probe's shares for answers, searching the
+                # store as an ask does (this engine's "exact" config is for reading from RAM).
+                reading_config = engine.config
+                engine.config = reading_config.replace(retrieval=STORE_DEFAULTS.retrieval)
+                try:
+                    DocumentMemory(store, engine).prepare_answers()
+                finally:
+                    engine.config = reading_config
+                    engine.reset()
+                prepared = time.perf_counter()
+    finally:
+        kvfile.SYNC_EVERY_BYTES = default_sync
     steps = {f"commit {step}": seconds for step, seconds in writer.commit_seconds.items()}
     return {"total": prepared - started, "commit": finished - read, "prepare": prepared - finished, **steps}
 

@@ -268,8 +268,9 @@ class ClusterHeadIndex:
         if self._start_keys is not None:
             sets.append((self._start_keys, torch.from_numpy(self._starts)))
         sets = [(keys, ids) for keys, ids in sets if len(ids)]
-        found = min(k, sum(len(ids) for _, ids in sets))
-        step = max(1, _SCORE_BUDGET // max(1, sum(len(ids) for _, ids in sets)))
+        scored = sum(len(ids) for _, ids in sets)
+        found = min(k, scored)
+        step = max(1, _SCORE_BUDGET // max(1, scored))
         all_scores, all_ids = [], []
         for begin in range(0, queries.shape[0], step):  # rows in chunks bound the (rows, candidates) scores
             rows = queries[begin : begin + step]

@@ -305,11 +305,8 @@ class DocumentMemory:
                 self.engine.read(ids, retrieve=retrieve, progress=progress, on_window=to_store)
             finally:
                 self.engine.reset()
-        try:
-            if prepare:
-                self.prepare_answers()
-        except StoreError as error:  # the document is stored; a later ask computes what is missing
-            logger.warning("stored %r, but could not prepare answers over the store: %s", name, error)
+        if prepare:
+            self.prepare_answers()
         return writer.record, True
 
     def _tokenize(self, text: str) -> list[int]:
@@ -467,14 +464,15 @@ class DocumentMemory:
         return self._baselines[key]
 
     def _baseline_key(self, key: tuple) -> str:
-        """The store's key for a baseline: everything its shares depend on besides the documents'
-        contents (which their ids fix)."""
-        described = {"what": "baseline chunk shares", "version": _BASELINE_VERSION, "docs": key[0], "chat": key[1],
-                     "exact": key[2], "voting": key[3], "probe": BASELINE_PROBE, "config": self.engine.config.to_dict()}
+        """The store's key for a baseline (`_baseline`'s key: doc ids, chat, exact, voting heads),
+        with everything else its shares depend on besides the documents' contents (which their ids fix)."""
+        docs, chat, exact, voting = key
+        described = {"what": "baseline chunk shares", "version": _BASELINE_VERSION, "docs": docs, "chat": chat,
+                     "exact": exact, "voting": voting, "probe": BASELINE_PROBE, "config": self.engine.config.to_dict()}
         return "baseline:" + hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
     def _stored_baseline(self, stored_key: str, records: list[DocumentRecord]) -> dict[str, np.ndarray] | None:
-        value = self.store.derived(stored_key) if isinstance(self.store, MemoryStore) else None
+        value = self.store.derived(stored_key) if isinstance(self.store, MemoryStore) else None  # sharded: none
         if value is None:
             return None
         with np.load(io.BytesIO(value), allow_pickle=False) as data:
@@ -487,7 +485,7 @@ class DocumentMemory:
 
     def _keep_baseline(self, stored_key: str, shares: dict[str, np.ndarray]) -> None:
         """Keep computed shares in the store, if this process may write and no writer is busy."""
-        if not isinstance(self.store, MemoryStore) or self.store.readonly:
+        if not self._can_keep:
             return
         buffer = io.BytesIO()
         np.savez(buffer, **shares)
@@ -501,12 +499,21 @@ class DocumentMemory:
         besides the question (the baseline probe's chunk shares, for chat and completion
         prompts), so that a new process, even a read-only one, answers without computing it.
         `read_text` calls it after each document it reads. Nothing to do where nothing can be kept
-        (a read-only store, or one sharded over Ray actors: the first answer computes it)."""
-        if not isinstance(self.store, MemoryStore) or self.store.readonly:
+        (a read-only store, or one sharded over Ray actors). A store error here (a damaged
+        document, say) is logged, not raised: the first answer then computes what is missing."""
+        if not self._can_keep:
             return
-        records, _ = self._usable(self.store.documents(), named=False)
-        for chat in (True, False):
-            self._baseline(records, chat, exact=False)
+        try:
+            records, _ = self._usable(self.store.documents(), named=False)
+            for chat in (True, False):
+                self._baseline(records, chat, exact=False)
+        except StoreError as error:
+            logger.warning("could not prepare answers over the store at %s: %s", self.store.path, error)
+
+    @property
+    def _can_keep(self) -> bool:
+        """Whether derived data can be kept in this store (a writable MemoryStore)."""
+        return isinstance(self.store, MemoryStore) and not self.store.readonly
 
     def _reread_prompt(self, question: str, ranked: list[ScoredChunk], chat: bool,
                        max_new_tokens: int) -> tuple[list[Passage], torch.Tensor]:
