@@ -46,9 +46,18 @@ from fot_memory_plugin import MemoryEngine
 from fot_memory_plugin.core.blocks import BlockMemory
 from fot_memory_plugin.core.memory import ExactMemory, Retrieved
 from fot_memory_plugin.documents.document_memory import STORE_DEFAULTS, DocumentMemory
-from fot_memory_plugin.persistence import IndexParams, MemoryStore, kvfile
+from fot_memory_plugin.persistence import IndexParams, MemoryStore, kvfile, writer
 
 READINGS = ("none", "exact", "blocks")
+# Store constants a run may vary, one store variant per value given:
+# flag -> (module, constant, the flag's unit in the constant's, how a variant is named).
+TUNABLES = {
+    "kv_sync_mib": (kvfile, "SYNC_EVERY_BYTES", 1 << 20,
+                    lambda mib: ".kv fsync at commit" if mib == 0 else f".kv flushed every {mib} MiB"),
+    "gpu_stage_tokens": (writer, "GPU_STAGE_TOKENS", 1, lambda tokens: f"GPU stage {tokens} tokens"),
+    "gpu_kept_keys_mib": (writer, "GPU_KEPT_KEYS_BYTES", 1 << 20,
+                          lambda mib: "keys read back from the files" if mib == 0 else f"keys kept on the GPU ({mib} MiB)"),
+}
 
 
 def parse_args() -> argparse.Namespace:
@@ -74,6 +83,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--kv-sync-mib", type=int, nargs="+", default=[kvfile.SYNC_EVERY_BYTES >> 20],
                         help="MiB a .kv file is written between flushes to disk while reading (0: all at "
                              "the commit's fsync), one store variant each")
+    parser.add_argument("--gpu-stage-tokens", type=int, nargs="+", default=[writer.GPU_STAGE_TOKENS],
+                        help="on a GPU, tokens staged per layer before one copy to the host (512: one copy "
+                             "per window, as before staging), one store variant each")
+    parser.add_argument("--gpu-kept-keys-mib", type=int, nargs="+", default=[writer.GPU_KEPT_KEYS_BYTES >> 20],
+                        help="on a GPU, MiB of keys kept there for the commit's cluster index (0: read back "
+                             "from the files), one store variant each")
     return parser.parse_args()
 
 
@@ -149,14 +164,15 @@ def block_recall(engine: MemoryEngine, ids: torch.Tensor) -> dict[str, float]:
 
 def to_store(engine: MemoryEngine, ids: torch.Tensor, reading: str, fingerprint: dict,
              threads: int = 1, index: str = "hnsw", sync_copies: bool = False,
-             kmeans: str = "auto", kv_sync_mib: int | None = None) -> dict[str, float]:
+             kmeans: str = "auto", tuned: dict[str, int] | None = None) -> dict[str, float]:
     """DocumentMemory.read_text's reading path (begin_document, read with on_window, commit);
     sync_copies: the writer gets each window as CPU tensors copied (and waited for) here;
-    kv_sync_mib: the .kv files' flush interval (kvfile.SYNC_EVERY_BYTES) for this run."""
+    tuned: TUNABLES set for this run ({flag: value in the flag's unit})."""
     rk.OUT.mkdir(parents=True, exist_ok=True)
-    default_sync = kvfile.SYNC_EVERY_BYTES
-    if kv_sync_mib is not None:
-        kvfile.SYNC_EVERY_BYTES = kv_sync_mib << 20
+    defaults = {flag: getattr(TUNABLES[flag][0], TUNABLES[flag][1]) for flag in tuned or {}}
+    for flag, value in (tuned or {}).items():
+        module, constant, unit, _ = TUNABLES[flag]
+        setattr(module, constant, value * unit)
     try:
         with tempfile.TemporaryDirectory(dir=rk.OUT) as directory:
             with MemoryStore.open(directory, fingerprint=fingerprint) as store:
@@ -191,7 +207,8 @@ def to_store(engine: MemoryEngine, ids: torch.Tensor, reading: str, fingerprint:
                     engine.reset()
                 prepared = time.perf_counter()
     finally:
-        kvfile.SYNC_EVERY_BYTES = default_sync
+        for flag, value in defaults.items():
+            setattr(TUNABLES[flag][0], TUNABLES[flag][1], value)
     steps = {f"commit {step}": seconds for step, seconds in writer.commit_seconds.items()}
     return {"total": prepared - started, "commit": finished - read, "prepare": prepared - finished, **steps}
 
@@ -223,16 +240,18 @@ def main() -> None:
         for index in args.indexes:
             for threads in args.writer_threads:
                 for sync in (False, True) if args.sync_copies else (False,):
-                    for kmeans, mib in itertools.product(args.kmeans if index == "clusters" else ["auto"],
-                                                         args.kv_sync_mib):
-                        name = (f"store {index}, {reading}"
-                                + ("" if args.writer_threads == [1] else f", {threads} writer threads")
-                                + (", sync copies" if sync else "") + ("" if len(args.kmeans) == 1 else f", {kmeans} k-means")
-                                + ("" if len(args.kv_sync_mib) == 1 else
-                                   ", .kv fsync at commit" if mib == 0 else f", .kv flushed every {mib} MiB"))
+                    varied = [flag for flag in TUNABLES if len(getattr(args, flag)) > 1]
+                    for kmeans, *values in itertools.product(args.kmeans if index == "clusters" else ["auto"],
+                                                             *(getattr(args, flag) for flag in TUNABLES)):
+                        tuned = dict(zip(TUNABLES, values))
+                        name = ", ".join([f"store {index}, {reading}"]
+                                         + ([] if args.writer_threads == [1] else [f"{threads} writer threads"])
+                                         + (["sync copies"] if sync else [])
+                                         + ([] if len(args.kmeans) == 1 else [f"{kmeans} k-means"])
+                                         + [TUNABLES[flag][3](tuned[flag]) for flag in varied])
                         variants.append((name, lambda ids, reading=reading, threads=threads, index=index, sync=sync,
-                                         kmeans=kmeans, mib=mib: to_store(engine, ids, reading, fingerprint, threads,
-                                                                          index, sync, kmeans, mib)))
+                                         kmeans=kmeans, tuned=tuned: to_store(engine, ids, reading, fingerprint,
+                                                                              threads, index, sync, kmeans, tuned)))
     variants = [(name, _with_cpu_time(run)) for name, run in variants]
     results: dict[tuple[int, str], list[dict[str, float]]] = {}
     recalls: dict[int, dict[str, float]] = {}

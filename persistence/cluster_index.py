@@ -151,11 +151,13 @@ def _nearest_grouped(points: torch.Tensor, centroids: torch.Tensor, coarse: torc
 
 def build_cluster_index(kv: np.ndarray, dtype: str, starts: np.ndarray, *, cluster_size: int,
                         iterations: int, sample: int, seed: int, device: str | torch.device = "cpu",
-                        two_level: bool = True) -> ClusterIndex:
+                        two_level: bool = True, keys: torch.Tensor | None = None) -> ClusterIndex:
     """The cluster index of the stored rows kv (N, 2, Hkv, D); starts: window start tokens.
     device: where k-means runs (a GPU makes it a fraction of a second per layer); the same
     seed gives the same clusters on one device. two_level: above _FLAT_CLUSTERS clusters, fit
-    and assign them in two levels (_two_level_kmeans) rather than scoring every centroid."""
+    and assign them in two levels (_two_level_kmeans) rather than scoring every centroid.
+    keys: the same rows' keys (N, Hkv, D) in the stored type, already where k-means runs (a
+    document read on a GPU keeps them there), so the file is not read back; the same index."""
     num_tokens, _, kv_heads, dim = kv.shape
     starts = np.unique(np.asarray(starts, np.int64))
     if len(starts) and (starts[0] < 0 or starts[-1] >= num_tokens):
@@ -167,8 +169,13 @@ def build_cluster_index(kv: np.ndarray, dtype: str, starts: np.ndarray, *, clust
     generator = torch.Generator().manual_seed(seed)
     # Every head's keys in one read of the file, converted and sorted where k-means runs: on a
     # GPU the CPU work around k-means was most of a commit (0.3 s of 0.33 at 64k tokens).
-    stored = rows_tensor(kv[clustered, 0], dtype).to(device)  # (n, Hkv, D) in the stored type
     tokens = torch.from_numpy(clustered).to(device)
+    if keys is None:
+        stored = rows_tensor(kv[clustered, 0], dtype).to(device)  # (n, Hkv, D) in the stored type
+    else:
+        if tuple(keys.shape) != (num_tokens, kv_heads, dim):
+            raise ValueError(f"keys {tuple(keys.shape)} do not fit the rows {tuple(kv.shape)}.")
+        stored = keys.to(device)[tokens]
     fitted_per_head, order_per_head, sizes_per_head = [], [], []
     for head in range(kv_heads):
         keys = stored[:, head].float()  # (n, D), a copy

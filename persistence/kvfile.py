@@ -21,7 +21,7 @@ __all__ = [
     "STORAGE_DTYPES",
     "KVFileWriter",
     "to_storage",
-    "rows_off_gpu",
+    "DeviceRows",
     "host_rows",
     "open_kv",
     "kv_file_size",
@@ -55,25 +55,77 @@ def to_storage(array: np.ndarray | torch.Tensor, dtype: str) -> np.ndarray:
     return np.asarray(array, dtype=target)
 
 
-def rows_off_gpu(keys: torch.Tensor, values: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.cuda.Event]:
-    """Keys and values (Hkv, T, D) on a CUDA device as file rows (T, 2, Hkv, D) in the storage
-    element type, copied into pinned host memory without waiting; the event says when they are
-    there. The layout and the conversion are done on the GPU, so a reading loop never waits
-    for its device or holds the GIL for them (rows reach the file via a writer thread)."""
-    _check_dtype(dtype)
-    rows = torch.stack([keys.detach(), values.detach()]).permute(2, 0, 1, 3)
-    rows = rows.to({"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
-    if dtype == "bfloat16":
-        rows = rows.contiguous().view(torch.int16)  # its bits, read back as uint16 (STORAGE_DTYPES)
-    host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
-    host.copy_(rows, non_blocking=True)
-    ready = torch.cuda.Event()
-    ready.record(torch.cuda.current_stream(rows.device))  # the stream the copy was queued on
-    return host, ready
+_TORCH_STORAGE = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class DeviceRows:
+    """File rows of one layer read on a CUDA device, gathered there before they go to the host.
+
+    `add` writes a window's keys and values (Hkv, T, D) into a device buffer as rows (T, 2,
+    Hkv, D) in the storage element type: two copy kernels, queued after whatever computed them.
+    `flush` queues one copy of the buffered rows to pinned host memory and returns it with an
+    event that says when it is there (the buffer is reused at once: later copies into it run
+    after this one on the same stream). One copy and one writer job per `capacity` tokens, not
+    per window, is what keeps the reading loop's kernel launches from waiting for the GIL.
+    """
+
+    def __init__(self, device: torch.device | str, kv_heads: int, head_dim: int, dtype: str, capacity: int) -> None:
+        _check_dtype(dtype)
+        if capacity < 1:
+            raise ValueError(f"capacity is a token count >= 1, got {capacity!r}.")
+        self.dtype = dtype
+        self._rows = torch.empty((capacity, 2, kv_heads, head_dim), dtype=_TORCH_STORAGE[dtype], device=device)
+        self.used = 0
+
+    @property
+    def room(self) -> int:
+        return len(self._rows) - self.used
+
+    @property
+    def used_key_bytes(self) -> int:
+        """Bytes of the buffered keys (what flush(keep_keys=True) copies on the device)."""
+        return self.used * self._rows[0, 0].nbytes
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Buffer keys and values (Hkv, T, D), T <= room."""
+        length = keys.shape[1]
+        if length > self.room:
+            raise ValueError(f"{length} rows do not fit the {self.room} left: flush first.")
+        part = self._rows[self.used : self.used + length]
+        part[:, 0].copy_(keys.detach().transpose(0, 1))
+        part[:, 1].copy_(values.detach().transpose(0, 1))
+        self.used += length
+
+    def flush(self, keep_keys: bool = False) -> tuple[torch.Tensor, torch.cuda.Event | _Copied, torch.Tensor | None]:
+        """(pinned host rows, their event, keep_keys: a device copy of their keys (T, Hkv, D), for
+        an index built where the model runs without reading the file back, else None); empties
+        the buffer."""
+        rows = self._rows[: self.used]
+        kept = rows[:, 0].clone() if keep_keys else None
+        if self.dtype == "bfloat16":
+            rows = rows.view(torch.int16)  # its bits, read back as uint16 (STORAGE_DTYPES)
+        self.used = 0
+        if not rows.is_cuda:  # (a CPU buffer: what the tests run where there is no GPU)
+            return rows.clone(), _COPIED, kept
+        host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        host.copy_(rows, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(rows.device))  # the stream the copy was queued on
+        return host, ready, kept
+
+
+class _Copied:
+    """The event of a copy that was done when it was made."""
+
+    def synchronize(self) -> None:
+        pass
+
+
+_COPIED = _Copied()
 
 
 def host_rows(host: torch.Tensor, dtype: str) -> np.ndarray:
-    """rows_off_gpu's tensor (once its event is done) as the numpy rows the file holds."""
+    """DeviceRows.flush's host tensor (once its event is done) as the numpy rows the file holds."""
     array = host.numpy()
     return array.view(np.uint16) if dtype == "bfloat16" else array
 

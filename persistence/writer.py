@@ -3,9 +3,11 @@
 While the document is read, background threads (one by default; more when the model does not
 need the CPU) write each appended window to the `.kv` files and, for hnswlib indexes, insert
 its keys into the graphs (hnswlib releases the GIL), so disk writes and index building overlap
-the model's compute; `append` only converts and queues. Nothing searches these indexes while
-they grow (reading retrieves from the engine's in-RAM memory). Cluster indexes are computed
-from the finished `.kv` files at commit (k-means per (layer, KV head)).
+the model's compute; `append` only converts and queues (a GPU's windows are staged on the
+device and queued GPU_STAGE_TOKENS at a time). Nothing searches these indexes while they grow
+(reading retrieves from the engine's in-RAM memory). Cluster indexes are computed at commit
+(k-means per (layer, KV head)) from the finished `.kv` files, or from the keys a GPU read kept
+on the device.
 
 Order of a commit (each step survives a crash of the step after it):
   1. the queue drained; `.kv` files closed and fsynced in tmp/<doc_id>/
@@ -58,7 +60,7 @@ from .files import (
 )
 from .cluster_index import build_cluster_index
 from .hnsw_index import IndexBuilder, IndexParams
-from .kvfile import KVFileWriter, host_rows, kv_file_size, open_kv, rows_off_gpu, to_storage
+from .kvfile import DeviceRows, KVFileWriter, host_rows, kv_file_size, open_kv, to_storage
 from .manifest import Manifest, write_manifest
 from .metadata import FORMAT_VERSION, DocumentRecord, Metadata
 
@@ -105,6 +107,15 @@ _SPACES = {  # recorded with each document: how its index ranks keys
     "clusters": "k-means (L2) clusters of centred keys ranked by inner product with their centroids, "
                 "exact inner product inside the chosen clusters; window starts exact",
 }
+
+
+# A document read on a GPU is staged there per layer and goes to the host this many tokens at a
+# time (kvfile.DeviceRows): one copy and one writer job per 16 windows of 512, not per window.
+GPU_STAGE_TOKENS = 8192
+# For a cluster index its keys also stay on the device until the commit's k-means, which then
+# does not read them back from the files, within this many bytes (and a quarter of the device's
+# free memory at the first append); past that a layer's index reads its file, as on a CPU.
+GPU_KEPT_KEYS_BYTES = 2 << 30
 
 
 class _Background:
@@ -184,6 +195,19 @@ class _Lanes:
             lane.cancel()
 
 
+def _staged(keys: np.ndarray | torch.Tensor) -> bool:
+    """Whether a window is staged where it lies (DeviceRows) rather than converted at once: a GPU's."""
+    return isinstance(keys, torch.Tensor) and keys.is_cuda
+
+
+def _spare_device_bytes(device: torch.device) -> int:
+    """How many bytes of kept keys a device can spare: a quarter of what is free on a GPU."""
+    if device.type != "cuda":
+        return GPU_KEPT_KEYS_BYTES
+    free, _ = torch.cuda.mem_get_info(device)
+    return min(GPU_KEPT_KEYS_BYTES, free // 4)
+
+
 def _two_level(kmeans: str, device: str | None) -> bool:
     """IndexParams.kmeans for a commit's k-means on this device (None: the CPU)."""
     return kmeans == "two-level" or (kmeans == "auto" and torch.device(device or "cpu").type == "cpu")
@@ -252,6 +276,9 @@ class DocumentWriter:
         self._builders: dict[int, list[IndexBuilder]] = {}  # per layer, one per KV head (hnswlib)
         self._window_starts: dict[int, list[int]] = {}  # per layer: first token of each append
         self._counts: dict[int, int] = {}  # tokens appended per layer (queued ones included)
+        self._device_rows: dict[int, DeviceRows] = {}  # per layer, a GPU read's rows not yet queued
+        self._device_keys: dict[int, list[torch.Tensor]] = {}  # per layer, its keys kept on the GPU
+        self._device_keys_room = 0  # bytes more kept keys may take (set at the first GPU append)
         self._chunks: list[ChunkSpan] = []
         self._state = "open"  # -> "committed" | "aborted"
         self.record: DocumentRecord | None = None
@@ -313,10 +340,13 @@ class DocumentWriter:
             self._counts[layer] = 0
         self._window_starts[layer].append(self._counts[layer])
         self._counts[layer] += length
-        file, builders = self._files[layer], self._builders.get(layer, [])
-        if isinstance(keys, torch.Tensor) and keys.is_cuda:
-            self._append_from_gpu(file, builders, layer, keys, values)
+        if _staged(keys):
+            self._append_from_gpu(layer, keys, values)
             return
+        if layer in self._device_rows:  # a GPU read's rows go first; its kept keys miss these
+            self._flush_device_rows(layer)
+            self._drop_device_keys(layer)
+        file, builders = self._files[layer], self._builders.get(layer, [])
         # Converted here (a private copy: the caller may reuse its tensors), written and indexed
         # by the background thread.
         stored_keys, stored_values = (np.array(to_storage(array, self.dtype)) for array in (keys, values))
@@ -325,12 +355,40 @@ class DocumentWriter:
         for head, builder in enumerate(builders):
             self._background.submit((layer, head), lambda builder=builder, keys=stored_keys[head]: builder.add(keys))
 
-    def _append_from_gpu(self, file: KVFileWriter, builders: list, layer: int, keys: torch.Tensor,
-                         values: torch.Tensor) -> None:
-        """The same without waiting for the GPU: the rows are laid out on the device and their copy
-        to pinned memory is queued on its stream (after whatever computed them); the background
-        thread waits for it, so the reading loop never stalls on a copy per layer and window."""
-        host, ready = rows_off_gpu(keys, values, self.dtype)
+    def _append_from_gpu(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """The same without waiting for the GPU: the rows are staged on the device (DeviceRows)
+        and, every GPU_STAGE_TOKENS, queued for a copy to pinned memory that the background thread
+        waits for, so the reading loop never stalls on a copy."""
+        stage = self._device_rows.get(layer)
+        if stage is None:
+            if not self._device_rows and self.index_params.kind == "clusters":
+                self._device_keys_room = _spare_device_bytes(keys.device)
+            kv_heads, _, head_dim = keys.shape
+            stage = self._device_rows[layer] = DeviceRows(keys.device, kv_heads, head_dim, self.dtype,
+                                                          GPU_STAGE_TOKENS)
+            if self.index_params.kind == "clusters":
+                self._device_keys[layer] = []
+        done, length = 0, keys.shape[1]
+        while done < length:
+            take = min(stage.room, length - done)
+            stage.add(keys[:, done : done + take], values[:, done : done + take])
+            done += take
+            if not stage.room:
+                self._flush_device_rows(layer)
+
+    def _flush_device_rows(self, layer: int) -> None:
+        """Queue a layer's staged rows: their copy to the host, the file write and index inserts."""
+        stage = self._device_rows[layer]
+        if not stage.used:
+            return
+        if layer in self._device_keys and stage.used_key_bytes > self._device_keys_room:
+            self._drop_device_keys(layer)  # over the budget: this layer's index reads its file
+        kept = self._device_keys.get(layer)
+        host, ready, keys = stage.flush(keep_keys=kept is not None)
+        if kept is not None:
+            kept.append(keys)
+            self._device_keys_room -= keys.nbytes
+        file, builders = self._files[layer], self._builders.get(layer, [])
 
         def write() -> None:
             ready.synchronize()
@@ -342,6 +400,9 @@ class DocumentWriter:
                 ready.synchronize()
                 builder.add(np.ascontiguousarray(host_rows(host, self.dtype)[:, 0, head]))
             self._background.submit((layer, head), insert)
+
+    def _drop_device_keys(self, layer: int) -> None:
+        self._device_keys_room += sum(part.nbytes for part in self._device_keys.pop(layer, ()))
 
     def _check_layer(self, layer: int) -> int:
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or layer < 0:
@@ -387,6 +448,8 @@ class DocumentWriter:
         try:
             num_tokens, chunks = self._checked_layout()
             started = time.perf_counter()
+            for layer in self._device_rows:
+                self._flush_device_rows(layer)
             self._background.join()
             drained = time.perf_counter()
             files = self._finish_kv_files()
@@ -471,12 +534,14 @@ class DocumentWriter:
         params, summary = self.index_params, {}
         for layer, writer in sorted(self._files.items()):
             kv = open_kv(writer.path, writer.num_tokens, writer.kv_heads, writer.head_dim, self.dtype)
+            kept = self._device_keys.pop(layer, None)
+            keys = torch.cat(kept) if kept and sum(map(len, kept)) == writer.num_tokens else None
             cluster_size = max(params.cluster_size, -(-writer.num_tokens // params.max_clusters))
             index = build_cluster_index(kv, self.dtype, np.asarray(self._window_starts[layer]),
                                         cluster_size=cluster_size, iterations=params.kmeans_iterations,
                                         sample=params.kmeans_sample, seed=params.seed, device=self._index_device,
-                                        two_level=_two_level(params.kmeans, self._index_device))
-            del kv
+                                        two_level=_two_level(params.kmeans, self._index_device), keys=keys)
+            del kv, kept, keys
             path = self._tmp / clusters_filename(layer)
             index.save(path)
             self._layout.restrict(path)
@@ -537,6 +602,8 @@ class DocumentWriter:
         self._state = "aborted"
         self._background.cancel()
         self._builders.clear()
+        self._device_rows.clear()
+        self._device_keys.clear()
         for writer in self._files.values():
             writer.abort()
         remove_tree(self._tmp)

@@ -15,6 +15,7 @@ from persistence_helpers.checks import flip_bits
 from fot_memory_plugin.persistence import CorruptDocumentError, IndexParams, MemoryStore
 from fot_memory_plugin.persistence import cluster_index
 from fot_memory_plugin.persistence.cluster_index import ClusterSearch, build_cluster_index
+from fot_memory_plugin.persistence.kvfile import rows_tensor, to_storage
 
 CLUSTERS = IndexParams(kind="clusters")
 EVERY_CLUSTER = ClusterSearch(probe=1.0)
@@ -131,6 +132,22 @@ def test_cluster_index_building_is_deterministic():
                                  sample=1000, seed=3) for _ in range(2)]
     assert np.array_equal(built[0].order, built[1].order)
     assert np.array_equal(built[0].centroids, built[1].centroids)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_an_index_built_from_keys_held_in_memory_equals_one_built_from_the_file(dtype):
+    # What a GPU read's commit does with the keys it kept on the device (here on the CPU).
+    keys, values = synth.doc_arrays(7, 1500, 0)
+    rows = np.stack([keys, values], axis=0).transpose(2, 0, 1, 3)
+    kv = to_storage(rows, dtype)
+    settings = dict(cluster_size=64, iterations=4, sample=1000, seed=3)
+    from_file = build_cluster_index(kv, dtype, np.arange(0, 1500, 512), **settings)
+    held = rows_tensor(kv[:, 0], dtype)  # (N, Hkv, D) in the stored type
+    from_keys = build_cluster_index(kv, dtype, np.arange(0, 1500, 512), keys=held, **settings)
+    for name in ("centroids", "order", "offsets", "starts"):
+        assert np.array_equal(getattr(from_file, name), getattr(from_keys, name)), name
+    with pytest.raises(ValueError, match="do not fit"):
+        build_cluster_index(kv, dtype, np.arange(0, 1500, 512), keys=held[:-1], **settings)
 
 
 def test_reindex_switches_between_hnsw_and_clusters_without_changing_exact_answers(tmp_path):
