@@ -14,11 +14,17 @@ search. --whole-passes searches each forward pass's queries together instead, as
 prefill sends them (where the cluster index's shared candidate set binds: --shared).
 hnswlib rows need a store indexed with hnswlib; cluster rows use cluster indexes built
 here from the store's `.kv` files by the function a commit uses (timed: "build s").
+--reference REF_STORE: the same text read into another store by the same model (for example
+float16 against an int8 STORE, `fot-memory read --mem-dtype int8`): the queries are captured
+from REF_STORE, the reference is REF_STORE's exact search, every hit of STORE is scored with
+REF_STORE's key of the same token, and an "exact" row shows STORE's own exact scan: what
+STORE's keys lose against the reference's, on top of what its search loses.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -99,6 +105,17 @@ def mass(queries: torch.Tensor, hit_keys: torch.Tensor, mask: torch.Tensor, norm
     return torch.exp(scores - normaliser[..., None]).masked_fill(~mask[0], 0).sum(-1)
 
 
+def reference_keys(reference: PersistentMemory, hits) -> torch.Tensor:
+    """The reference store's keys (1, Hq, T, k, D) float32 of the tokens the hits found (one
+    document of the same length in both stores: a token's id is the same in each)."""
+    (part,) = reference._parts
+    ids = hits.token_ids.clamp(min=0)[0]  # (Hq, T, k); masked hits are scored by token 0, then masked
+    group = ids.shape[0] // reference.kv_heads
+    keys = [rows_float32(part.kv[ids[h].reshape(-1).numpy(), 0, h // group], part.dtype).reshape(*ids.shape[1:], -1)
+            for h in range(ids.shape[0])]
+    return torch.stack(keys)[None]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("store", type=Path)
@@ -115,16 +132,29 @@ def main() -> None:
                         help="how the cluster indexes' k-means runs (build_cluster_index's two_level)")
     parser.add_argument("--max-new-tokens", type=int, default=6)
     parser.add_argument("--json", type=Path, help="also write the table's figures here")
+    parser.add_argument("--reference", type=Path, help="the same text's store to measure STORE against")
     args = parser.parse_args()
     questions = json.loads(args.questions.read_text(encoding="utf-8"))
 
-    with DocumentMemory.open(args.store, readonly=True) as memory:
+    with contextlib.ExitStack() as stack:
+        memory = stack.enter_context(DocumentMemory.open(args.store, readonly=True))
+        against = (stack.enter_context(DocumentMemory.open(args.reference, readonly=True)).store
+                   if args.reference else None)
         store, k = memory.store, memory.engine.config.top_k
         window = memory.engine.config.local_window
         records = store.documents()
         kinds = {index_kind(record) for record in records}
-        captured = capture(memory, questions, args.max_new_tokens, args.whole_passes)
-        methods = [f"hnsw ef {ef}" for ef in args.efs if kinds == {"hnsw"}]
+        if against is not None:
+            (mine,), (theirs,) = records, against.documents()
+            if mine.num_tokens != theirs.num_tokens:
+                parser.error(f"the stores hold {mine.num_tokens} and {theirs.num_tokens} tokens: read the same text")
+            memory.store = against  # capture the reference's queries: the same for every store searched
+        try:
+            captured = capture(memory, questions, args.max_new_tokens, args.whole_passes)
+        finally:
+            memory.store = store
+        methods = ["exact"] if against is not None else []
+        methods += [f"hnsw ef {ef}" for ef in args.efs if kinds == {"hnsw"}]
         methods += [f"clusters {kmeans} probe {probe} shared {shared}" for kmeans in args.kmeans
                     for probe in args.probes for shared in args.shared]
         params = IndexParams(kind="clusters", cluster_size=args.cluster_size, kmeans_sample=args.kmeans_sample,
@@ -136,15 +166,18 @@ def main() -> None:
         for layer in sorted(captured):
             queries = captured[layer]
             exact = store.memory(layer, exact=True)
-            reference = [exact.search(q, k) for q in queries]
-            normalisers = [log_normaliser(exact, q) for q in queries]
+            true = exact if against is None else against.memory(layer, exact=True)  # the reference keys
+            reference = [true.search(q, k) for q in queries]
+            normalisers = [log_normaliser(true, q) for q in queries]
             exact_mass = [mass(q, ref.keys, ref.mask, z) for q, ref, z in zip(queries, reference, normalisers)]
             clustered = {}
             for kmeans in args.kmeans if args.probes else []:
                 clustered[kmeans], seconds = clustered_parts(exact, params, window, kmeans == "two-level")
                 build_seconds[kmeans].append(seconds)
             for method in methods:
-                if method.startswith("hnsw"):
+                if method == "exact":
+                    searched = exact
+                elif method.startswith("hnsw"):
                     searched = store.memory(layer, ef=int(method.split()[-1]), exact_below=0)
                 else:
                     words = method.split()
@@ -155,8 +188,9 @@ def main() -> None:
                 hits = [searched.search(q, k) for q in queries]
                 seconds = time.perf_counter() - started
                 for q, hit, ref, z, full in zip(queries, hits, reference, normalisers, exact_mass):
-                    recalls.append(rk.recall_at_k(rk.hit_scores(q, hit.keys), rk.hit_scores(q, ref.keys)).mean().item())
-                    ratios.append((mass(q, hit.keys, hit.mask, z) / full).mean().item())
+                    keys = hit.keys if against is None else reference_keys(true, hit)
+                    recalls.append(rk.recall_at_k(rk.hit_scores(q, keys), rk.hit_scores(q, ref.keys)).mean().item())
+                    ratios.append((mass(q, keys, hit.mask, z) / full).mean().item())
                 results[method][layer] = (statistics.fmean(recalls), statistics.fmean(ratios),
                                           1000 * seconds / len(queries))
             print(f"layer {layer} done ({len(queries)} searches x {queries[0].shape[1]} heads)", flush=True)

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .kvfile import rows_tensor
+from .kvfile import row_width, rows_tensor, stored_float
 
 __all__ = ["ClusterSearch", "ClusterIndex", "ClusterHeadIndex", "build_cluster_index"]
 
@@ -156,9 +156,10 @@ def build_cluster_index(kv: np.ndarray, dtype: str, starts: np.ndarray, *, clust
     device: where k-means runs (a GPU makes it a fraction of a second per layer); the same
     seed gives the same clusters on one device. two_level: above _FLAT_CLUSTERS clusters, fit
     and assign them in two levels (_two_level_kmeans) rather than scoring every centroid.
-    keys: the same rows' keys (N, Hkv, D) in the stored type, already where k-means runs (a
+    keys: the same rows' keys (N, Hkv, W) in the stored type, already where k-means runs (a
     document read on a GPU keeps them there), so the file is not read back; the same index."""
-    num_tokens, _, kv_heads, dim = kv.shape
+    num_tokens, _, kv_heads, width = kv.shape
+    dim = width - row_width(dtype, 0)  # the head dimension (int8 rows end in their scale)
     starts = np.unique(np.asarray(starts, np.int64))
     if len(starts) and (starts[0] < 0 or starts[-1] >= num_tokens):
         raise ValueError(f"window starts must lie in [0, {num_tokens}), got {starts[[0, -1]].tolist()}.")
@@ -173,12 +174,12 @@ def build_cluster_index(kv: np.ndarray, dtype: str, starts: np.ndarray, *, clust
     if keys is None:
         stored = rows_tensor(kv[clustered, 0], dtype).to(device)  # (n, Hkv, D) in the stored type
     else:
-        if tuple(keys.shape) != (num_tokens, kv_heads, dim):
+        if tuple(keys.shape) != (num_tokens, kv_heads, width):
             raise ValueError(f"keys {tuple(keys.shape)} do not fit the rows {tuple(kv.shape)}.")
         stored = keys.to(device)[tokens]
     fitted_per_head, order_per_head, sizes_per_head = [], [], []
     for head in range(kv_heads):
-        keys = stored[:, head].float()  # (n, D), a copy
+        keys = stored_float(stored[:, head], dtype)  # (n, D), a copy
         keys -= keys.mean(0) if len(keys) else 0.0
         picked = keys[torch.randperm(len(keys), generator=generator)[:sample].to(device)]
         if not len(keys):

@@ -51,6 +51,8 @@ import hnswlib  # noqa: I001
 
 from fot_memory_plugin.core.config import DEFAULT_INDEX, INDEX_KINDS
 
+from .kvfile import rows_float32
+
 __all__ = ["INDEX_KINDS", "IndexParams", "IndexBuilder", "HnswIndex", "IndexExtras", "default_ef", "num_threads"]
 
 logger = logging.getLogger(__name__)
@@ -207,7 +209,8 @@ class IndexBuilder:
 
     def add(self, keys: np.ndarray) -> None:
         """Keys (T, D) of the next reading window of T tokens, in the storage element type
-        (float16, float32 or bfloat16 bits as uint16): identical stored keys are what duplicates means."""
+        (float16, float32, bfloat16 bits as uint16, or int8 with its scale): identical stored keys
+        are what duplicates means."""
         if self._centre is None:
             self._pending.append(np.array(keys))
             if sum(len(block) for block in self._pending) >= self.params.calibration_tokens:
@@ -299,9 +302,12 @@ class IndexBuilder:
 
 
 def _float32(keys: np.ndarray) -> np.ndarray:
-    """Stored keys (n, D) -> float32 (bfloat16 is stored as the upper 16 bits of a float32)."""
+    """Stored keys (n, W) -> float32 (n, D) (bfloat16 is stored as the upper 16 bits of a float32;
+    int8 vectors end in their scale)."""
     if keys.dtype == np.uint16:
         return (keys.astype(np.uint32) << 16).view(np.float32)
+    if keys.dtype == np.int8:
+        return rows_float32(keys, "int8").numpy()
     return keys.astype(np.float32)
 
 

@@ -18,7 +18,7 @@ import torch
 
 from .cluster_index import ClusterHeadIndex, ClusterSearch
 from .hnsw_index import HnswIndex, default_ef
-from .kvfile import rows_float32
+from .kvfile import row_width, rows_float32
 
 __all__ = ["PersistentHits", "PersistentMemory", "DocumentLayer", "DEFAULT_EXACT_BELOW"]
 
@@ -97,7 +97,7 @@ def exact_scan(
 def _gather_keys(kv: np.ndarray, head: int, dtype: str, token_ids: np.ndarray) -> torch.Tensor:
     """Stored keys of one head at token_ids (any shape) -> (..., D) float32."""
     rows = rows_float32(kv[token_ids.reshape(-1), 0, head], dtype)
-    return rows.reshape(*token_ids.shape, kv.shape[-1])
+    return rows.reshape(*token_ids.shape, rows.shape[-1])
 
 
 class PersistentMemory:
@@ -127,7 +127,7 @@ class PersistentMemory:
         self.exact_below = exact_below
         self._parts = list(parts)
         for part in self._parts:
-            assert part.kv.shape[2:] == (kv_heads, head_dim), (part.doc_id, part.kv.shape)
+            assert part.kv.shape[2:] == (kv_heads, row_width(part.dtype, head_dim)), (part.doc_id, part.kv.shape)
         sizes = [part.num_tokens for part in self._parts]
         # offsets[i] = global id of token 0 of document i; offsets[-1] = total tokens.
         self.offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)

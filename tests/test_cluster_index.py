@@ -134,7 +134,7 @@ def test_cluster_index_building_is_deterministic():
     assert np.array_equal(built[0].centroids, built[1].centroids)
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
 def test_an_index_built_from_keys_held_in_memory_equals_one_built_from_the_file(dtype):
     # What a GPU read's commit does with the keys it kept on the device (here on the CPU).
     keys, values = synth.doc_arrays(7, 1500, 0)

@@ -22,7 +22,7 @@ from fot_memory_plugin.persistence.kvfile import rows_tensor
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "int8"])
 @pytest.mark.parametrize("kind", ["clusters", "hnsw"])
 def test_gpu_windows_are_stored_as_cpu_windows_are(tmp_path, dtype, kind):
     arrays = {layer: [torch.from_numpy(array) for array in synth.doc_arrays(3, 1800, layer)] for layer in synth.LAYERS}

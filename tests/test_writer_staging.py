@@ -45,7 +45,7 @@ def staged(monkeypatch):
     return monkeypatch
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "int8"])
 @pytest.mark.parametrize("kind", ["clusters", "hnsw"])
 def test_staged_windows_are_stored_as_direct_ones_across_the_stage_s_bounds(tmp_path, staged, dtype, kind):
     arrays = _arrays(4)

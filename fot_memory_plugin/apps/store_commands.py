@@ -35,6 +35,9 @@ def add_store_commands(commands: argparse._SubParsersAction) -> None:
     read.add_argument("--mem-layers", help="memory layers for a new store: all | 0,5,10 | 0-14 (default: a FoT-tuned "
                                            "model's trained layers, else all)")
     read.add_argument("--local-window", type=int, help="reading window for a new store (default 512)")
+    read.add_argument("--mem-dtype", choices=("float16", "int8", "bfloat16", "float32"), default=None,
+                      help="how a new store keeps keys and values: float16 (default, 3.9 KB per token with 5 "
+                           "memory layers), int8 (a scale per vector: 2.1 KB per token), ...")
     read.add_argument("--retrieval", action=argparse.BooleanOptionalAction, default=None,
                       help="retrieve from earlier windows while reading (default: not for a FoT-tuned model, whose "
                            "training computes memory keys without it and which finds evidence better so; yes for a "
@@ -126,7 +129,7 @@ def _open_documents(args: argparse.Namespace, readonly: bool = False, with_model
         )
     return DocumentMemory.open(
         args.store, model=getattr(args, "model", None), config=config, device=args.device, readonly=readonly,
-        hold_lock=not readonly, shared=getattr(args, "shared", False),
+        hold_lock=not readonly, shared=getattr(args, "shared", False), mem_dtype=getattr(args, "mem_dtype", None),
     )
 
 

@@ -14,7 +14,9 @@ __all__ = ["MemoryConfig", "PositionalMode", "Retrieval", "MEM_DTYPES", "AnswerM
 PositionalMode = Literal["zero", "fixed"]
 Retrieval = Literal["exact", "hnsw", "blocks"]
 RETRIEVALS: tuple[str, ...] = ("exact", "hnsw", "blocks")
-MEM_DTYPES = ("float32", "float16", "bfloat16")
+# "int8" is a store format (kvfile: per-vector scales, half of float16's bytes): the in-RAM
+# memory of such a config holds float16 (MemoryConfig.ram_dtype).
+MEM_DTYPES = ("float32", "float16", "bfloat16", "int8")
 
 # How a question is answered from stored documents, and how its sources are ranked (passages.py).
 AnswerMode = Literal["memory", "reread", "passages"]
@@ -74,7 +76,8 @@ class MemoryConfig:
     # document has), reading in RAM stays exact. "blocks": reading in RAM uses block retrieval
     # too (core/blocks.py: linear in the document), stores their indexes.
     retrieval: Retrieval = "exact"
-    # dtype of the in-RAM memory tensors; the persistent store keeps float16 unless told.
+    # dtype of the memory: the in-RAM tensors' (but int8: float16 there) and a store's files
+    # (a store keeps float16 unless told).
     mem_dtype: str = "float32"
     # Queries attend to memory in chunks of this many positions, bounding the size of the
     # retrieved (B, H, chunk, top_k, D) tensors. None processes a whole window at once.
@@ -114,6 +117,11 @@ class MemoryConfig:
     def query_position(self) -> int:
         """The position every query takes against memory in "fixed" mode."""
         return self.local_window if self.fixed_position is None else self.fixed_position
+
+    @property
+    def ram_dtype(self) -> str:
+        """The torch dtype name of the in-RAM memory tensors (an int8 store's are float16)."""
+        return "float16" if self.mem_dtype == "int8" else self.mem_dtype
 
     def layers_for(self, num_layers: int) -> tuple[int, ...]:
         """The memory layers of a model with `num_layers` layers, checked against it."""

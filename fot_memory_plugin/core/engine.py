@@ -65,7 +65,7 @@ class MemoryEngine:
     # -- memory ---------------------------------------------------------------------------------
 
     def _fresh_memories(self) -> dict[int, Memory]:
-        dtype = getattr(torch, self.config.mem_dtype)
+        dtype = getattr(torch, self.config.ram_dtype)
         if self.config.retrieval == "blocks":
             return {layer: BlockMemory(dtype=dtype) for layer in self.layers}
         return {layer: ExactMemory(dtype=dtype) for layer in self.layers}

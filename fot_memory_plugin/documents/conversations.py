@@ -150,7 +150,7 @@ def _try_append(memory: Any, chat_id: str, text: str, turns: list[tuple[str, str
         writer.add_chunks(_turn_chunks(text, token_spans, offsets))
         ids = torch.tensor([input_ids], dtype=torch.long)
         exact = engine.config.retrieval == "exact"
-        dtype = getattr(torch, engine.config.mem_dtype)
+        dtype = getattr(torch, engine.config.ram_dtype)
         engine.reset({layer: ContinuedMemory(store.memory(layer, earlier, exact=exact) if earlier else None,
                                              ExactMemory(dtype=dtype)) for layer in engine.layers})
 

@@ -164,9 +164,12 @@ class DocumentMemory:
         hold_lock: bool = False,
         shared: bool = False,
         store: Any = None,
+        mem_dtype: str | None = None,
     ) -> DocumentMemory:
         """Open (or, with create, make) a store. An existing store remembers its model and memory
         config, so neither is needed; given ones that differ from what it recorded are refused.
+        mem_dtype: how a new store keeps keys and values (MemoryConfig.mem_dtype: default
+        "float16"; "int8" takes half the disk); an existing store refuses another than its own.
 
         The store is opened BEFORE the model loads, so a missing, locked or damaged store fails
         at once. hold_lock: keep the writer lock until close (see MemoryStore.open); shared: a new
@@ -179,7 +182,7 @@ class DocumentMemory:
             path = Path(path) if path is not None else default_store_dir()
             store = MemoryStore.open(path, readonly=readonly, create=create, hold_lock=hold_lock, shared=shared)
         try:
-            engine, trained = cls._engine_for(store, model, config, device)
+            engine, trained = cls._engine_for(store, model, config, device, mem_dtype)
         except BaseException:
             if owns_store:
                 store.close()
@@ -188,7 +191,7 @@ class DocumentMemory:
 
     @staticmethod
     def _engine_for(store: Any, model: str | None, config: MemoryConfig | None,
-                    device: str | None) -> tuple[MemoryEngine, bool]:
+                    device: str | None, mem_dtype: str | None = None) -> tuple[MemoryEngine, bool]:
         """Load the store's model (or the given one) and bind the store to its fingerprint;
         returns the engine and whether the model learnt memory keys read without retrieval."""
         recorded = store.fingerprint
@@ -199,6 +202,8 @@ class DocumentMemory:
             config = STORE_DEFAULTS.replace(**_as_config_fields(recorded["memory_config"]))
         elif config is None:  # a new store: a FoT-tuned model reads with its own layers
             config = loaded.memory_config_for(STORE_DEFAULTS)
+        if mem_dtype is not None:  # (a store that recorded another refuses it below)
+            config = config.replace(mem_dtype=mem_dtype)
         engine = MemoryEngine(loaded.model, loaded.tokenizer, config, base_weights=loaded.base_weights)
         fingerprint = {
             "load_as": load_as,
