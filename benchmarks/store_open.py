@@ -14,7 +14,7 @@ each (warm page cache, imports not counted): open the store read-only and the mo
 (`DocumentMemory.open`), ask the question once (the default answer mode, completion form, 8 new
 tokens, with sources: its memory() loads, checksums and every search), and once more; peak RSS
 of that process. --no-prepare leaves the kept shares out (the first answer computes them).
-Stores stay in benchmarks/out/stores/open-*.
+Stores stay in benchmarks/out/stores/open-SIZE-KIND (-DTYPE added for a source not in float16).
 """
 
 from __future__ import annotations
@@ -121,10 +121,14 @@ def main() -> None:
         return
     if args.source is None:
         parser.error("give the SOURCE_STORE holding one real document")
+    from fot_memory_plugin.persistence import MemoryStore
+
+    with MemoryStore.open(args.source, readonly=True) as source:
+        (dtype,) = {record.dtype for record in source.documents()}
     rows = []
     for size in args.sizes:
         for kind in args.kinds:
-            target = OUT / f"open-{size}-{kind}"
+            target = OUT / (f"open-{size}-{kind}" + ("" if dtype == "float16" else f"-{dtype}"))  # the source's dtype
             built = None
             if args.rebuild or not (target / "memory.sqlite").exists():
                 built = build(args.source, target, size, kind, args.noise)
@@ -133,7 +137,7 @@ def main() -> None:
             output = subprocess.run([sys.executable, __file__, "--measure", str(target), "--question", args.question],
                                     check=True, capture_output=True, text=True).stdout
             result = json.loads(output.splitlines()[-1])
-            rows.append([f"{size:,}", kind, f"{store_bytes(target) / result['tokens'] / 1000:.2f}",
+            rows.append([f"{size:,}", kind if dtype == "float16" else f"{kind}, {dtype}", f"{store_bytes(target) / result['tokens'] / 1000:.2f}",
                          "-" if built is None else f"{built:.0f}", f"{result['open_s']:.2f}",
                          f"**{result['first_answer_s']:.2f}**", f"{result['second_answer_s']:.2f}",
                          f"{result['peak_rss_gib']:.2f}", repr(result["answer"]), repr(result["first_source"])])
