@@ -111,7 +111,6 @@ class DeviceRows:
     """
 
     def __init__(self, device: torch.device | str, kv_heads: int, head_dim: int, dtype: str, capacity: int) -> None:
-        _check_dtype(dtype)
         if capacity < 1:
             raise ValueError(f"capacity is a token count >= 1, got {capacity!r}.")
         self.dtype = dtype
@@ -175,7 +174,6 @@ def host_rows(host: torch.Tensor, dtype: str) -> np.ndarray:
 
 def kv_file_size(num_tokens: int, kv_heads: int, head_dim: int, dtype: str) -> int:
     """Exact size in bytes of a `.kv` file."""
-    _check_dtype(dtype)
     return num_tokens * 2 * kv_heads * row_width(dtype, head_dim) * np.dtype(STORAGE_DTYPES[dtype]).itemsize
 
 
